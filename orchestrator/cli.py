@@ -1,0 +1,250 @@
+"""The ``e2kd`` command line.
+
+    e2kd sweep SPEC [--resume] [--address auto] [--tracking-uri URI] [--set key=value ...]
+    e2kd train SPEC [--set key=value ...]        one trial on Ray Train, no Tune
+    e2kd teacher SPEC                             train the spec's teacher (with a model card)
+    e2kd cache SPEC                               frozen teacher logits + explanations (Ray Data)
+    e2kd report EXPERIMENT [--sweep NAME]         KD baseline vs best e²KD, plots
+    e2kd ui [--tracking-uri URI] [--port 5000]    MLflow UI on 127.0.0.1
+
+Every spec problem is reported before Ray starts, as one line naming the file and the field.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from orchestrator.spec import SpecError, SweepSpec, load_spec
+
+
+def _err(msg: str) -> int:
+    print(f"e2kd: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _load(args) -> SweepSpec:
+    return load_spec(args.spec, args.set or [])
+
+
+def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bool = True) -> None:
+    """Checks that need no Ray: data paths, teacher checkpoint, GPUs, tracking server."""
+    from orchestrator import tracking
+    from trainables.data import dataset_info
+
+    t = spec.train
+    if t.data.root is not None and not os.path.exists(t.data.root):
+        raise FileNotFoundError(f"data.root: dataset path does not exist: {t.data.root}")
+    dataset_info(t.data)  # validates dataset name, root layout and shots
+    if spec.resources.use_gpu and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("resources.use_gpu is true but this machine has no CUDA GPU "
+                               "(set resources.use_gpu=false, or submit to a GPU cluster with --address)")
+    if need_teacher and not os.path.isfile(os.path.join(t.teacher.path, "teacher.pt")) and not spec.teacher_training:
+        raise FileNotFoundError(f"teacher.path: no teacher.pt in {t.teacher.path}; run `e2kd teacher {spec.source}`")
+    tracking.check_reachable(tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri))
+
+
+def ensure_teacher(spec: SweepSpec, force: bool = False):
+    """Train the teacher when its checkpoint is missing (the embedded default), else load its card."""
+    from trainables.teacher import load_teacher, train_teacher
+
+    t = spec.train
+    if os.path.isfile(os.path.join(t.teacher.path, "teacher.pt")) and not force:
+        _, card = load_teacher(t.teacher.path)
+        if card.arch != t.teacher.arch:
+            raise ValueError(f"teacher.arch is {t.teacher.arch!r} but {t.teacher.path} holds a {card.arch!r} teacher")
+        print(f"[e2kd] teacher: {t.teacher.path} ({card.arch}, test accuracy {card.test_accuracy:.3f})")
+        return card
+    tt = spec.teacher_training
+    print(f"[e2kd] training teacher {t.teacher.arch} on clean {t.data.name} -> {t.teacher.path}")
+    return train_teacher(t.teacher.arch, t.data, t.teacher.path, epochs=tt.epochs, lr=tt.lr,
+                         batch_size=tt.batch_size, seed=tt.seed)
+
+
+def ensure_cache(spec: SweepSpec, force: bool = False) -> None:
+    t = spec.train
+    if t.teacher.mode != "cached":
+        return
+    if os.path.isfile(os.path.join(t.teacher.cache_dir, "manifest.json")) and not force:
+        print(f"[e2kd] teacher cache: {t.teacher.cache_dir}")
+        return
+    from orchestrator.cache_job import build_cache
+
+    print(f"[e2kd] caching teacher logits + {t.loss.explainer} maps -> {t.teacher.cache_dir}")
+    build_cache(t.teacher.path, t.data, t.loss.explainer, t.teacher.cache_dir, use_gpu=spec.resources.use_gpu,
+                encoding=t.encoding)
+
+
+def cmd_sweep(args) -> int:
+    from orchestrator import report
+    from orchestrator.sweep import init_ray, run_sweep
+
+    spec = _load(args)
+    preflight(spec, args.tracking_uri)
+    ensure_teacher(spec)
+    started = init_ray(args.address, spec.resources.num_cpus)
+    try:
+        ensure_cache(spec)
+        t0 = time.time()
+        run_sweep(spec, resume=args.resume, tracking_uri=args.tracking_uri)
+        print(f"[e2kd] sweep finished in {time.time() - t0:.0f} s")
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    report.print_report(spec.mlflow.experiment, args.tracking_uri or spec.mlflow.tracking_uri, sweep=spec.name,
+                        out_dir=os.path.join(os.path.dirname(os.path.abspath(spec.storage)) if "://" not in spec.storage
+                                             else ".", "reports", spec.name))
+    return 0
+
+
+def cmd_train(args) -> int:
+    import ray.train
+    from mlflow import MlflowClient
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator import tracking
+    from orchestrator.sweep import init_ray, resolve_storage
+    from trainables.config import flatten
+    from trainables.train_loop import train_loop_per_worker
+
+    spec = _load(args)
+    preflight(spec, args.tracking_uri)
+    ensure_teacher(spec)
+    started = init_ray(args.address, spec.resources.num_cpus)
+    try:
+        ensure_cache(spec)
+        uri = tracking.resolve_tracking_uri(args.tracking_uri or spec.mlflow.tracking_uri)
+        client = MlflowClient(uri)
+        exp_id = tracking.ensure_experiment(client, spec.mlflow.experiment, spec.mlflow.artifact_location
+                                            or tracking.default_artifact_location(uri))
+        cfg = spec.train
+        run = client.create_run(exp_id, run_name=f"train-{spec.name}", tags={
+            tracking.TAG_SWEEP: spec.name, tracking.TAG_ROLE: "train", "student": cfg.student,
+            "explainer": cfg.loss.explainer, "method": "kd" if cfg.loss.lam == 0 else "e2kd"})
+        tracking.log_params(client, run.info.run_id, tracking.trial_params(flatten(cfg)))
+        r = spec.resources
+        res = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+        result = TorchTrainer(
+            train_loop_per_worker, train_loop_config={"cfg": cfg},
+            scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu,
+                                                   resources_per_worker=res),
+            run_config=ray.train.RunConfig(
+                name=f"{spec.name}-train", storage_path=resolve_storage(spec.storage),
+                failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=[tracking.MlflowEpochCallback(uri, run.info.run_id)]),
+        ).fit()
+        if result.checkpoint is not None:
+            tracking.log_student(uri, run.info.run_id, result.checkpoint.path)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        print(f"[e2kd] run {run.info.run_id}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in (result.metrics or {}).items() if k.startswith(("val_", "test")) and isinstance(v, float)))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return 0
+
+
+def cmd_teacher(args) -> int:
+    spec = _load(args)
+    ensure_teacher(spec, force=args.force)
+    return 0
+
+
+def cmd_cache(args) -> int:
+    spec = _load(args)
+    if spec.train.teacher.mode != "cached":
+        return _err(f"{args.spec}: teacher.mode is {spec.train.teacher.mode!r}; set teacher.mode=cached and teacher.cache_dir")
+    ensure_teacher(spec)
+    ensure_cache(spec, force=args.force)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from orchestrator import report
+
+    report.print_report(args.experiment, args.tracking_uri, sweep=args.sweep, out_dir=args.out)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from orchestrator import tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    art = tracking.default_artifact_location(uri)
+    if art:
+        cmd += ["--default-artifact-root", art]
+    print(f"[e2kd] MLflow UI at http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop")
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return proc.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="e2kd", description="Explanation-enhanced knowledge distillation at cluster scale")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def spec_cmd(name: str, help: str, fn) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("spec", help="sweep spec (YAML), e.g. sweeps/quickstart.yaml")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a spec field by its dotted name, e.g. --set seed=3 --set loss.lam=1")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = spec_cmd("sweep", "run (or --resume) a Ray Tune + Optuna sweep", cmd_sweep)
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+    sp.add_argument("--address", help="Ray cluster address (e.g. auto); default: RAY_ADDRESS or a local instance")
+    sp.add_argument("--tracking-uri", help="MLflow tracking URI (overrides mlflow.tracking_uri)")
+    sp = spec_cmd("train", "train one student on Ray Train (no Tune)", cmd_train)
+    sp.add_argument("--address")
+    sp.add_argument("--tracking-uri")
+    sp = spec_cmd("teacher", "train the spec's teacher and write its model card", cmd_teacher)
+    sp.add_argument("--force", action="store_true", help="retrain even if the teacher exists")
+    sp = spec_cmd("cache", "cache the teacher's logits and explanations (Parquet)", cmd_cache)
+    sp.add_argument("--force", action="store_true", help="rebuild even if the cache exists")
+    sp = sub.add_parser("report", help="KD baseline vs best e²KD trial, with plots")
+    sp.add_argument("experiment", help="MLflow experiment name")
+    sp.add_argument("--sweep", help="sweep name (default: the experiment's latest sweep)")
+    sp.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    sp.add_argument("--out", default=None, help="folder for the PNG plots (default reports/<sweep>)")
+    sp.set_defaults(fn=cmd_report)
+    sp = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    sp.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    sp.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sp.add_argument("--port", type=int, default=5000)
+    sp.set_defaults(fn=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as e:
+        return _err(str(e))
+    except (FileNotFoundError, ConnectionError, ValueError, RuntimeError) as e:
+        if os.environ.get("E2KD_DEBUG"):
+            raise
+        return _err(str(e))
+    except KeyboardInterrupt:
+        print("[e2kd] interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

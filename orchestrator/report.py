@@ -1,0 +1,159 @@
+"""``e2kd report``: the KD baseline vs the best e²KD trial of a sweep, from MLflow, plus plots.
+
+Plots (PNG, saved and logged to the sweep's parent run): the search metric against λ and τ
+(KD baseline drawn as a line), and Optuna's parameter importance computed on a study rebuilt from
+the child runs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from mlflow import MlflowClient
+
+from orchestrator import tracking
+
+SHOW = ("acc", "agreement", "exp_sim", "worst_group_acc", "epg", "iou", "f1")
+
+
+def _is_num(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def load_sweep(client: MlflowClient, experiment: str, sweep: str | None):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"MLflow experiment {experiment!r} not found in {client.tracking_uri}")
+    flt = f"tags.`{tracking.TAG_ROLE}` = 'parent'" + (f" and tags.`{tracking.TAG_SWEEP}` = '{sweep}'" if sweep else "")
+    parents = client.search_runs([exp.experiment_id], flt, order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise ValueError(f"no sweep{' ' + repr(sweep) if sweep else ''} in experiment {experiment!r}")
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_PARENT}` = '{parent.info.run_id}'",
+                                  max_results=10000)
+    return parent, children
+
+
+def summarise(parent, children) -> dict[str, Any]:
+    metric = parent.data.tags.get("e2kd.metric", "val_agreement")
+    mode = parent.data.tags.get("e2kd.mode", "max")
+    done = [r for r in children if metric in r.data.metrics]
+    kd = [r for r in done if r.data.tags.get("method") == "kd"]
+    e2 = [r for r in done if r.data.tags.get("method") == "e2kd"]
+    pick = max if mode == "max" else min
+    best = pick(e2, key=lambda r: r.data.metrics[metric]) if e2 else None
+    return {"metric": metric, "mode": mode, "kd": kd[0] if kd else None, "best": best, "runs": done,
+            "failed": [r for r in children if r.info.status == "FAILED"]}
+
+
+def table(summary: dict[str, Any]) -> str:
+    kd, best = summary["kd"], summary["best"]
+    runs = [r for r in (kd, best) if r is not None]
+    keys = sorted({k for r in runs for k in r.data.metrics if k.split("_", 1)[-1] in SHOW or k.endswith(SHOW)
+                   if not k.startswith("train_")})
+    lines = [f"Sweep result ({len(summary['runs'])} finished trials, {len(summary['failed'])} failed; "
+             f"selected by {summary['metric']} ({summary['mode']}))", ""]
+    head = f"{'metric':<28}{'KD (λ=0)':>12}{'best e²KD':>12}{'Δ':>10}"
+    lines += [head, "-" * len(head)]
+    for k in keys:
+        a = kd.data.metrics.get(k, math.nan) if kd else math.nan
+        b = best.data.metrics.get(k, math.nan) if best else math.nan
+        lines.append(f"{k:<28}{a:>12.4f}{b:>12.4f}{b - a:>+10.4f}")
+    if best is not None:
+        p = best.data.params
+        lines += ["", "best e²KD trial: " + ", ".join(f"{k}={p[k]}" for k in sorted(p)
+                                                      if k in ("loss.lam", "loss.temperature", "student", "optim.lr", "optim.name"))]
+    return "\n".join(lines)
+
+
+def plots(summary: dict[str, Any], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    metric, runs, kd = summary["metric"], summary["runs"], summary["kd"]
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, label in ((axes[0], "loss.lam", "λ (explanation weight)"), (axes[1], "loss.temperature", "τ")):
+        pts = [(float(r.data.params[key]), r.data.metrics[metric]) for r in runs
+               if _is_num(r.data.params.get(key, "")) and r.data.tags.get("method") == "e2kd"]
+        if pts:
+            ax.scatter(*zip(*pts), label="e²KD trials")
+        if kd is not None:
+            ax.axhline(kd.data.metrics[metric], color="k", ls="--", label="KD baseline (λ=0)")
+        if key == "loss.lam" and pts:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "metric_vs_lambda_tau.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+
+    imp = importance(summary)
+    if imp:
+        fig, ax = plt.subplots(figsize=(5, 0.5 + 0.4 * len(imp)))
+        names = list(imp)[::-1]
+        ax.barh(names, [imp[n] for n in names])
+        ax.set_xlabel(f"importance for {metric} (fANOVA)")
+        fig.tight_layout()
+        path = os.path.join(out_dir, "param_importance.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def importance(summary: dict[str, Any]) -> dict[str, float]:
+    """Optuna parameter importance on a study rebuilt from the searched params of the e²KD runs."""
+    import optuna
+
+    runs = [r for r in summary["runs"] if r.data.tags.get("method") == "e2kd"]
+    searched = [k for k in ("loss.lam", "loss.temperature", "optim.lr", "optim.weight_decay", "student", "optim.name")
+                if len({r.data.params.get(k) for r in runs}) > 1]
+    if len(runs) < 3 or not searched:
+        return {}
+    dists: dict[str, Any] = {}
+    for k in searched:
+        vals = [r.data.params[k] for r in runs]
+        if all(_is_num(v) for v in vals):
+            lo, hi = min(map(float, vals)), max(map(float, vals))
+            dists[k] = optuna.distributions.FloatDistribution(lo, hi, log=lo > 0 and hi / lo > 20)
+        else:
+            dists[k] = optuna.distributions.CategoricalDistribution(sorted(set(vals)))
+    study = optuna.create_study(direction="maximize" if summary["mode"] == "max" else "minimize")
+    for r in runs:
+        params = {k: (float(r.data.params[k]) if isinstance(d, optuna.distributions.FloatDistribution) else r.data.params[k])
+                  for k, d in dists.items()}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r.data.metrics[summary["metric"]]))
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):
+        return {}
+
+
+def print_report(experiment: str, tracking_uri: str, sweep: str | None = None, out_dir: str | None = None) -> str:
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    parent, children = load_sweep(client, experiment, sweep)
+    summary = summarise(parent, children)
+    text = table(summary)
+    print(text)
+    out = out_dir or os.path.join("reports", parent.data.tags.get(tracking.TAG_SWEEP, parent.info.run_id))
+    for path in plots(summary, out):
+        client.log_artifact(parent.info.run_id, path, artifact_path="report")
+        print(f"[e2kd] plot: {path}")
+    report_path = os.path.join(out, "report.txt")
+    with open(report_path, "w") as f:
+        f.write(text + "\n")
+    client.log_artifact(parent.info.run_id, report_path, artifact_path="report")
+    return text

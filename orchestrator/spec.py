@@ -1,0 +1,334 @@
+"""Sweep specs: YAML files validated into typed, frozen dataclasses before any Ray work starts.
+
+A spec's top level holds the run's :class:`~trainables.config.TrainConfig` fields (``student``,
+``epochs``, ``data``, ``teacher``, ``loss``, ``optim``, …) plus the sweep-only sections
+(``search``, ``resources``, ``mlflow``, ``teacher_training``). Search-space keys and ``--set``
+overrides use the same dotted names (``loss.lam``, ``optim.lr``, ``seed``), so a key means the same
+thing everywhere. Every error names the file and the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+from trainables.config import TrainConfig, flatten
+
+# ------------------------------------ sweep-only sections -----------------------------------
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One search-space entry.
+
+    ``loguniform``/``uniform``: ``low``/``high`` floats; ``int``: integer range (inclusive), ``log``
+    optional; ``choice``: ``values``. ``when: {other.key: value | [values]}`` makes the entry
+    conditional (define-by-run): it is only sampled when the other parameter took that value.
+    """
+
+    type: Literal["loguniform", "uniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: tuple[Any, ...] | None = None
+    log: bool = False
+    when: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice entry needs a non-empty 'values' list")
+            return
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} entry needs 'low' and 'high'")
+        for k in ("low", "high"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
+                raise ValueError(f"'{k}' must be a finite number, got {v!r}")
+        if not self.low < self.high:
+            raise ValueError(f"'low' ({self.low}) must be < 'high' ({self.high})")
+        if (self.type == "loguniform" or self.log) and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0, got {self.low}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    num_trials: int = 8  # including the KD baseline
+    metric: str = "val_agreement"
+    mode: Literal["max", "min"] = "max"
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    space: dict[str, ParamSpec] = field(default_factory=dict)
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = 2  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 3
+    baseline: bool = True  # evaluate plain KD (loss.lam = 0) as the first trial
+
+    def __post_init__(self) -> None:
+        if self.num_trials < 1:
+            raise ValueError(f"search.num_trials must be >= 1, got {self.num_trials}")
+        if not self.space:
+            raise ValueError("search.space is empty: give at least one parameter to search (e.g. loss.lam)")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError("search.grace_period must be >= 1 and search.reduction_factor >= 2")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    workers_per_trial: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    driver_cpus: float = 0.25  # the Tune function trainable that drives one TorchTrainer
+    max_concurrent_trials: int | None = None  # None: derived from the cluster's resources
+    num_cpus: int | None = None  # logical CPUs for a local Ray instance (None: Ray's default)
+    driver_resource: str | None = None  # custom resource pinning driver fns to safe (non-spot) nodes
+
+    def __post_init__(self) -> None:
+        if self.workers_per_trial < 1:
+            raise ValueError(f"resources.workers_per_trial must be >= 1, got {self.workers_per_trial}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.driver_cpus < 0:
+            raise ValueError("resources.cpus_per_worker, gpus_per_worker and driver_cpus must be >= 0")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the working dir
+    experiment: str = "e2kd"
+    artifact_location: str | None = None  # None: ./mlartifacts next to a sqlite store
+
+
+@dataclass(frozen=True)
+class TeacherTrainingConfig:
+    """How ``e2kd teacher`` (and a sweep whose teacher is missing) trains the teacher."""
+
+    epochs: int = 15
+    lr: float = 2e-3
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    train: TrainConfig
+    storage: str = "runs"  # Ray Tune results: local path or a pyarrow URI (s3://…, gs://…)
+    max_failures: int = 1  # trial-level retries (Tune) and worker-level restarts (Train)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    teacher_training: TeacherTrainingConfig = field(default_factory=TeacherTrainingConfig)
+    source: str = ""  # the file the spec came from (not a YAML key)
+
+    def params(self) -> dict[str, Any]:
+        """Flat dotted-key view of the trial configuration (for MLflow params)."""
+        return flatten(self.train)
+
+
+class SpecError(ValueError):
+    """A spec problem, with the file and the dotted field in the message."""
+
+
+_SWEEP_SECTIONS = {"name", "storage", "max_failures", "search", "resources", "mlflow", "teacher_training"}
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+# ------------------------------------ typed conversion --------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def convert(tp: Any, value: Any, where: str) -> Any:
+    """Convert YAML data to ``tp`` (dataclass, Literal, Optional, tuple, dict, scalar), raising
+    SpecError naming ``where`` on any mismatch."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return convert(a, value, where)
+            except SpecError as e:
+                errors.append(str(e))
+        raise SpecError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise SpecError(f"{where}: {value!r} is not one of {', '.join(map(repr, typing.get_args(tp)))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpecError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise SpecError(f"{where + '.' if where else ''}{unknown[0]}: unknown field; known fields here: "
+                            f"{', '.join(sorted(names))}")
+        kwargs = {k: convert(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except SpecError:
+            raise
+        except (ValueError, TypeError, KeyError) as e:
+            msg = str(e).strip("'\"")
+            raise SpecError(f"{where or 'spec'}: {msg}") from None
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise SpecError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args or [Any] * len(value), value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{where}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): convert(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads "1e-3" as a string; accept numeric strings, reject the rest.
+            try:
+                value = float(value) if isinstance(value, str) else value
+            except ValueError:
+                pass
+            if not isinstance(value, float):
+                raise SpecError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+        if math.isnan(value) or math.isinf(value):
+            raise SpecError(f"{where}: must be a finite number, got {value}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise SpecError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise SpecError(f"{where}: unsupported type {tp}")
+
+
+# ------------------------------------ loading -----------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``dotted.key=value`` with the value parsed as YAML (``3``, ``1e-3``, ``[a, b]``, ``null``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {text!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise SpecError(f"--set {text!r}: value is not valid YAML: {e}") from None
+    return key.strip(), value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise SpecError(f"--set {key}: {p!r} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _resolve_paths(train: dict, base: str) -> None:
+    """Relative local paths become absolute (workers do not share the driver's working dir)."""
+    def absolute(p: Any) -> Any:
+        return p if not isinstance(p, str) or "://" in p or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+
+    for section, key in (("teacher", "path"), ("teacher", "cache_dir"), ("data", "root")):
+        if isinstance(train.get(section), dict) and train[section].get(key):
+            train[section][key] = absolute(train[section][key])
+    if train.get("student_weights"):
+        train["student_weights"] = absolute(train["student_weights"])
+
+
+def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """Read, override, validate. Raises SpecError('<file>: <field>: <problem>')."""
+    if not os.path.isfile(path):
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the spec must be a mapping of fields, got {type(data).__name__}")
+    try:
+        for o in overrides:
+            key, value = parse_override(o)
+            _set_dotted(data, key, value)
+        return spec_from_dict(data, source=os.path.abspath(path), base=os.getcwd())
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from None
+
+
+def spec_from_dict(data: dict, source: str = "", base: str | None = None) -> SweepSpec:
+    data = dict(data)
+    unknown = sorted(set(data) - _SWEEP_SECTIONS - _TRAIN_FIELDS)
+    if unknown:
+        raise SpecError(f"{unknown[0]}: unknown field; known top-level fields: "
+                        f"{', '.join(sorted(_SWEEP_SECTIONS | _TRAIN_FIELDS))}")
+    if "name" not in data:
+        raise SpecError("name: missing (every sweep needs a name; it names the Ray experiment and MLflow parent run)")
+    train = {k: data.pop(k) for k in list(data) if k in _TRAIN_FIELDS}
+    if base is not None:
+        _resolve_paths(train, base)
+    data["train"] = train
+    spec: SweepSpec = convert(SweepSpec, data, "")
+    spec = dataclasses.replace(spec, source=source)
+    check_search_space(spec)
+    return spec
+
+
+def check_search_space(spec: SweepSpec) -> None:
+    """Every search key must be a TrainConfig field, and every value it can take must validate."""
+    from trainables.config import with_overrides
+
+    keys = set(flatten(spec.train))
+    for key, p in spec.search.space.items():
+        where = f"search.space.{key}"
+        if key not in keys:
+            raise SpecError(f"{where}: not a trial field; searchable fields: {', '.join(sorted(keys))}")
+        candidates = list(p.values) if p.type == "choice" else [p.low, p.high]
+        if p.type == "int":
+            candidates = [int(p.low), int(p.high)]
+        for v in candidates:
+            try:
+                with_overrides(spec.train, {key: v})
+            except (ValueError, TypeError, KeyError) as e:
+                raise SpecError(f"{where}: value {v!r} is invalid: {str(e).strip(chr(39))}") from None
+        for cond in (p.when or {}):
+            if cond not in spec.search.space:
+                raise SpecError(f"{where}.when: {cond!r} is not a search-space key")
+    from trainables.data import dataset_info
+
+    try:
+        splits = spec.train.eval_splits or dataset_info(spec.train.data).eval_splits
+    except (ValueError, KeyError) as e:
+        raise SpecError(f"data: {e}") from None
+    if not any(spec.search.metric.startswith(f"{s}_") for s in (*splits, "train")):
+        raise SpecError(f"search.metric: {spec.search.metric!r} is not reported; metrics are <split>_<name> "
+                        f"with split in {', '.join(splits)} (e.g. val_agreement, val_acc)")

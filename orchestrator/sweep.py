@@ -1,0 +1,273 @@
+"""Ray Tune + Optuna over Ray Train students (the Ray 2.60 / Train V2 pattern).
+
+Each Tune trial is a *function trainable* (:func:`trial_driver`) that builds and fits one
+``TorchTrainer``; Tune never sees a Trainer object (``Tuner(trainer)`` is gone in Train V2).
+Metrics travel worker rank 0 -> Train controller -> Tune through ``TuneReportCallback``; Optuna
+(through ``OptunaSearch``, define-by-run for conditional entries) receives them from Tune, and
+ASHA stops weak trials on the worker-reported ``epoch`` (``training_iteration`` restarts at 1
+after ``Tuner.restore``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import ray
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from orchestrator import tracking
+from orchestrator.spec import SweepSpec
+from trainables.config import TrainConfig, flatten, with_overrides
+from trainables.train_loop import train_loop_per_worker
+
+BASELINE_ATTR = "kd_baseline"
+
+
+# ------------------------------------ search space ------------------------------------------
+
+
+def _suggest(trial: optuna.Trial, key: str, p) -> Any:
+    if p.type == "choice":
+        return trial.suggest_categorical(key, list(p.values))
+    if p.type == "int":
+        return trial.suggest_int(key, int(p.low), int(p.high), log=p.log)
+    return trial.suggest_float(key, float(p.low), float(p.high), log=p.type == "loguniform" or p.log)
+
+
+def _active(p, values: dict[str, Any]) -> bool:
+    for other, want in (p.when or {}).items():
+        allowed = want if isinstance(want, (list, tuple)) else [want]
+        if values.get(other) not in allowed:
+            return False
+    return True
+
+
+def make_space(spec: SweepSpec):
+    """Define-by-run space. The first trial of a study is the KD baseline: ``loss.lam`` is fixed to
+    0 (not suggested, so the sampler's λ distribution keeps its log scale) and marked with a user
+    attribute, so it is the fixed first point of every sweep and survives a resume."""
+    space = spec.search.space
+    # Conditional entries are suggested after the entries they depend on.
+    order = sorted(space, key=lambda k: len(space[k].when or {}))
+
+    def define(trial: optuna.Trial) -> dict[str, Any]:
+        study_trials = trial.study.get_trials(deepcopy=False)
+        is_baseline = spec.search.baseline and not any(t.user_attrs.get(BASELINE_ATTR) for t in study_trials)
+        values: dict[str, Any] = {}
+        consts: dict[str, Any] = {}
+        if is_baseline:
+            trial.set_user_attr(BASELINE_ATTR, True)
+            consts["loss.lam"] = 0.0
+        for key in order:
+            p = space[key]
+            if is_baseline and key == "loss.lam":
+                continue
+            if is_baseline and key not in ("loss.lam",):
+                # Baseline: the spec's own value for every other searched field, not a sample.
+                consts[key] = flatten_value(spec.train, key)
+                values[key] = consts[key]
+                continue
+            if _active(p, values):
+                values[key] = _suggest(trial, key, p)
+        return consts
+
+    return define
+
+
+def flatten_value(cfg: TrainConfig, key: str) -> Any:
+    return flatten(cfg)[key]
+
+
+def trial_config(base: TrainConfig, config: dict[str, Any]) -> TrainConfig:
+    """Apply the dotted keys Tune/Optuna chose (and constants) to the spec's TrainConfig."""
+    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if not k.startswith("_")}
+    return with_overrides(base, overrides)
+
+
+# ------------------------------------ the trial driver --------------------------------------
+
+
+@dataclass(frozen=True)
+class DriverContext:
+    """Everything a trial driver needs besides the sampled config (passed with tune.with_parameters)."""
+
+    spec: SweepSpec
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    storage_path: str
+
+
+def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
+    """Tune function trainable: one TorchTrainer per trial, its metrics forwarded to Tune."""
+    spec = ctx.spec
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(spec.train, config)
+    is_baseline = cfg.loss.lam == 0
+    run_id = tracking.get_or_create_child(
+        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, spec.name, trial_id,
+        params=tracking.trial_params(flatten(cfg)),
+        tags={"student": cfg.student, "explainer": cfg.loss.explainer, "teacher": cfg.teacher.arch,
+              "method": "kd" if is_baseline else "e2kd", "seed": str(cfg.seed)})
+    r = spec.resources
+    worker_res = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        worker_res["GPU"] = r.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg},
+        scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu,
+                                               resources_per_worker=worker_res),
+        run_config=ray.train.RunConfig(
+            # Deterministic name: a retried trial (or a resumed sweep) resumes its own Train run
+            # from the latest checkpoint instead of starting over.
+            name=f"{spec.name}-train-{trial_id}",
+            storage_path=ctx.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures, controller_failure_limit=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback(), tracking.MlflowEpochCallback(ctx.tracking_uri, run_id)],
+        ),
+    )
+    trainer.fit()  # raises TrainingFailedError after max_failures: Tune marks the trial ERROR
+
+
+# ------------------------------------ running a sweep ---------------------------------------
+
+
+def concurrency(spec: SweepSpec) -> int:
+    """How many trials fit at once: the limiting resource / one trial's need (ray-notes §1.4).
+    Tune does not know about the Train placement groups, so without this limit surplus trials
+    would start and wait forever for workers."""
+    r = spec.resources
+    if r.max_concurrent_trials:
+        return r.max_concurrent_trials
+    total = ray.cluster_resources()
+    per_trial_cpu = r.workers_per_trial * r.cpus_per_worker + r.driver_cpus
+    limits = [math.floor(total.get("CPU", 0) / per_trial_cpu) if per_trial_cpu else 10**6]
+    if r.use_gpu:
+        limits.append(math.floor(total.get("GPU", 0) / (r.workers_per_trial * r.gpus_per_worker)))
+    return max(1, min(limits))
+
+
+def check_schedulable(spec: SweepSpec) -> None:
+    """Refuse resources that can never be scheduled instead of letting Ray wait forever."""
+    r = spec.resources
+    total = ray.cluster_resources()
+    need_cpu = r.workers_per_trial * r.cpus_per_worker + r.driver_cpus
+    problems = []
+    if r.use_gpu and total.get("GPU", 0) < r.workers_per_trial * r.gpus_per_worker:
+        problems.append(f"resources.use_gpu: {r.workers_per_trial}×{r.gpus_per_worker} GPU per trial requested, "
+                        f"the cluster has {total.get('GPU', 0):g} GPU")
+    if total.get("CPU", 0) < need_cpu:
+        problems.append(f"resources: one trial needs {need_cpu:g} CPU (workers_per_trial × cpus_per_worker + "
+                        f"driver_cpus), the cluster has {total.get('CPU', 0):g}")
+    if problems and not _autoscaling():
+        raise RuntimeError("; ".join(problems))
+
+
+def _autoscaling() -> bool:
+    """A launcher-managed cluster can add nodes on demand; a fixed/local one cannot."""
+    return bool(os.environ.get("E2KD_AUTOSCALING"))
+
+
+def experiment_path(spec: SweepSpec, storage: str) -> str:
+    return f"{storage.rstrip('/')}/{spec.name}"
+
+
+def build_tuner(spec: SweepSpec, ctx: DriverContext, callbacks: list):
+    """The Tuner and the trainable it wraps (``Tuner.restore`` needs the same trainable)."""
+    s = spec.search
+    sampler = optuna.samplers.TPESampler(seed=s.seed) if s.sampler == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
+    # metric/mode go to OptunaSearch itself: with a define-by-run space TuneConfig's are not forwarded.
+    searcher = OptunaSearch(space=make_space(spec), metric=s.metric, mode=s.mode, sampler=sampler)
+    scheduler = (ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.train.epochs,
+                               grace_period=min(s.grace_period, spec.train.epochs), reduction_factor=s.reduction_factor)
+                 if s.scheduler == "asha" else FIFOScheduler())
+    driver_res: dict[str, float] = {"CPU": spec.resources.driver_cpus}
+    if spec.resources.driver_resource:
+        driver_res[spec.resources.driver_resource] = 0.01
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, ctx=ctx), driver_res)
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_trials,
+                                        max_concurrent_trials=concurrency(spec)),
+        run_config=ray.tune.RunConfig(
+            name=spec.name, storage_path=ctx.storage_path, callbacks=callbacks,
+            failure_config=ray.tune.FailureConfig(max_failures=spec.max_failures),
+            verbose=1),
+    ), trainable
+
+
+def resolve_storage(storage: str) -> str:
+    return storage if "://" in storage else os.path.abspath(storage)
+
+
+def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None = None,
+              log=print) -> ray.tune.ResultGrid:
+    """Run (or resume) a sweep on the Ray instance already initialised by the caller."""
+    from mlflow import MlflowClient
+
+    uri = tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
+    client = MlflowClient(uri)
+    exp_id = tracking.ensure_experiment(client, spec.mlflow.experiment,
+                                        spec.mlflow.artifact_location or tracking.default_artifact_location(uri))
+    storage = resolve_storage(spec.storage)
+    path = experiment_path(spec, storage)
+    can_restore = ray.tune.Tuner.can_restore(path)
+    if resume and not can_restore:
+        log(f"[e2kd] nothing to resume at {path}; starting the sweep")
+    if not resume and can_restore:
+        raise RuntimeError(f"a sweep named {spec.name!r} already exists at {path}: pass --resume to continue it, "
+                           f"or --set name=<new name> to start another")
+    parent = tracking.find_parent(client, exp_id, spec.name) if (resume and can_restore) else None
+    if parent is None:
+        parent = tracking.create_parent(client, exp_id, spec.name, spec.source, tracking.trial_params(spec.params()),
+                                        tags={"e2kd.metric": spec.search.metric, "e2kd.mode": spec.search.mode})
+    else:
+        log(f"[e2kd] resuming sweep {spec.name!r}: MLflow parent run {parent}")
+        client.set_terminated(parent, status="RUNNING")
+    check_schedulable(spec)
+    ctx = DriverContext(spec=spec, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, storage_path=storage)
+    callbacks = [tracking.MlflowTrialFinalizer(uri, exp_id, parent)]
+    tuner, trainable = build_tuner(spec, ctx, callbacks)
+    if resume and can_restore:
+        # Finished trials are restored, not rerun; the searcher (with its Optuna study, including
+        # the KD baseline) is unpickled from the experiment state.
+        tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    log(f"[e2kd] sweep {spec.name!r}: {spec.search.num_trials} trials × {spec.resources.workers_per_trial} "
+        f"Ray Train workers, up to {concurrency(spec)} at once; results in {path}; MLflow {uri} "
+        f"(experiment {spec.mlflow.experiment!r}, parent run {parent})")
+    try:
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        log(f"[e2kd] interrupted: resume with `e2kd sweep {spec.source} --resume`")
+        client.set_terminated(parent, status="KILLED")
+        raise
+    client.set_terminated(parent, status="FINISHED")
+    return grid
+
+
+def init_ray(address: str | None, num_cpus: int | None, log=print) -> bool:
+    """Connect to a cluster (``--address auto``/RAY_ADDRESS) or start a local instance. Returns
+    True when this process started Ray (and should shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Train workers inherit the driver's sys.path only via the runtime env; the project is an
+    # installed package, so nothing to ship. Quiet Ray's own progress output.
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log(f"[e2kd] connected to Ray at {address}: {ray.cluster_resources()}")
+    else:
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+        log(f"[e2kd] started a local Ray instance: {ray.cluster_resources().get('CPU', 0):g} logical CPUs")
+    return True
+

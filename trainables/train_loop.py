@@ -1,0 +1,362 @@
+"""The distillation loop that runs on every Ray Train worker (and, unchanged, in a bare process).
+
+``train_loop_per_worker`` is the Ray Train V2 entry point; it only adapts Ray's context to
+:func:`fit`, which holds the loop. ``fit`` takes a :class:`Hooks` object (prepare model / loader,
+report, latest checkpoint) so the same code runs under Ray Train, in tests and in the
+orchestration-overhead benchmark without Ray.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.config import TrainConfig
+from trainables.data import build_dataset, dataset_info
+from trainables.explainers import explain
+from trainables.losses import E2KDLoss
+from trainables.metrics import MetricSet
+from trainables.models import build_model, unwrap
+from trainables.teacher import load_teacher
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss becomes NaN/Inf: the trial fails with this reason instead of reporting
+    NaN metrics that a searcher would rank."""
+
+
+@dataclass
+class Hooks:
+    """What the environment provides to :func:`fit`. Defaults: one local process, no reporting."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    prepare_loader: Callable[[DataLoader], DataLoader] = lambda dl: dl
+    # report(metrics, checkpoint_dir or None); every rank calls it (Ray requires all ranks to report).
+    report: Callable[[dict, str | None], None] = lambda metrics, ckpt_dir: None
+    latest_checkpoint: Callable[[], "contextlib.AbstractContextManager[str | None]"] = (
+        lambda: contextlib.nullcontext(None))
+    log: Callable[[str], None] = print
+
+
+# ------------------------------------ building blocks ---------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    """Linear warm-up for ``warmup_epochs``, then cosine decay to 0, stepped every iteration."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = cfg.optim.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def adaptive_clip_(parameters, clip: float, eps: float = 1e-3) -> None:
+    """Adaptive gradient clipping (Brock et al. 2021), unit-wise: g <- g * min(1, clip·max(‖w‖, eps)/‖g‖).
+    The B-cos recipe uses it instead of a global norm clip."""
+    for p in parameters:
+        if p.grad is None:
+            continue
+        dims = tuple(range(1, p.dim())) if p.dim() > 1 else None
+        w_norm = p.detach().norm(dim=dims, keepdim=True) if dims else p.detach().norm()
+        g_norm = p.grad.norm(dim=dims, keepdim=True) if dims else p.grad.norm()
+        max_norm = clip * w_norm.clamp_min(eps)
+        p.grad.mul_(torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), torch.ones_like(g_norm)))
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA (``amp`` auto or bf16); full precision on CPU."""
+    use = device.type == "cuda" and cfg.amp in ("auto", "bf16")
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def teacher_targets(teacher: nn.Module, x: Tensor, explainer: str, need_maps: bool) -> tuple[Tensor, Tensor | None]:
+    """Live teacher: logits, and maps only when this step uses them. The teacher is frozen and
+    explained with create_graph=False, so it builds no graph it does not need (none for the
+    analytic CAM; only what its input gradient needs for B-cos)."""
+    if need_maps:
+        e = explain(teacher, x, None, explainer, create_graph=False)
+        return e.logits.detach(), e.maps.detach()
+    with torch.no_grad():
+        return teacher(x), None
+
+
+def _to(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, Tensor):
+            v = v.to(device, non_blocking=True)
+            if k == "image" and channels_last and v.dim() == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+# ------------------------------------ evaluation --------------------------------------------
+
+
+class EvalSet:
+    """One evaluation split on this worker. The frozen teacher's logits and maps on it never change,
+    so they are computed once (first evaluation) and reused every epoch."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.teacher_out: list[tuple[Tensor, Tensor, Tensor]] | None = None
+
+    def teacher_outputs(self, teacher: nn.Module, cfg: TrainConfig, device: torch.device, channels_last: bool):
+        if self.teacher_out is None:
+            out = []
+            for batch in self.loader:
+                x = _to(batch, device, channels_last)["image"]
+                with autocast_context(cfg, device):
+                    t = explain(teacher, x, None, cfg.loss.explainer, create_graph=False)
+                out.append((t.logits.float(), t.maps.float(), t.target))
+            self.teacher_out = out
+        return self.teacher_out
+
+
+def evaluate(student: nn.Module, teacher: nn.Module, es: EvalSet, cfg: TrainConfig, device: torch.device,
+             channels_last: bool) -> dict[str, float]:
+    """Every metric the split supports, summed locally then all-reduced once across workers."""
+    info = dataset_info(cfg.data)
+    ms = MetricSet.build(exp_sim=True, num_groups=info.num_groups if info.has_groups else 0,
+                         multilabel_classes=info.num_classes if info.multilabel else 0)
+    student.eval()
+    teacher_out = es.teacher_outputs(teacher, cfg, device, channels_last)
+    for batch, (t_logits, t_maps, t_target) in zip(es.loader, teacher_out):
+        b = _to(batch, device, channels_last)
+        with autocast_context(cfg, device):
+            s = explain(student, b["image"], t_target, cfg.loss.explainer, create_graph=False)
+        ms.update(logits=s.logits.float(), labels=b["label"], teacher_logits=t_logits,
+                  maps=s.maps.float(), teacher_maps=t_maps, groups=b.get("group"))
+    ms.all_reduce()
+    return ms.compute()
+
+
+def explanation_grid(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: TrainConfig, path: str) -> None:
+    """PNG: rows of (image, teacher map, student map) for fixed validation samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    student.eval()
+    t = explain(teacher, images, None, cfg.loss.explainer, create_graph=False)
+    s = explain(student, images, t.target, cfg.loss.explainer, create_graph=False)
+
+    def show_map(m: Tensor, x: Tensor) -> np.ndarray:
+        # B-cos W(x) has 6 channels: show the contribution map sum_ch W(x)*x, as the B-cos papers do.
+        return ((m * x).sum(0) if m.dim() == 3 else m).float().cpu().numpy()
+
+    def show_img(x: Tensor) -> np.ndarray:
+        x = x.float().cpu()
+        x = x[:3] if x.shape[0] == 6 else x  # B-cos encoding: first 3 channels are the image
+        x = (x - x.min()) / (x.max() - x.min() + 1e-8)
+        return x.permute(1, 2, 0).numpy()
+
+    n = images.shape[0]
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    for i in range(n):
+        cos = F.cosine_similarity(t.maps[i].flatten().float(), s.maps[i].flatten().float(), dim=0).item()
+        for ax, im, title in ((axes[i, 0], show_img(images[i]), f"class {int(t.target[i])}"),
+                              (axes[i, 1], show_map(t.maps[i], images[i]), "teacher"),
+                              (axes[i, 2], show_map(s.maps[i], images[i]), f"student cos={cos:.2f}")):
+            ax.imshow(im, cmap=None if im.ndim == 3 else "inferno")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ------------------------------------ the loop ----------------------------------------------
+
+
+def build_train_set(cfg: TrainConfig, teacher_sha: str):
+    if cfg.teacher.mode == "cached":
+        from trainables.data.cache import CachedTeacherDataset, open_cache
+
+        base = build_dataset(cfg.data, "train", encoding=cfg.encoding, train=False)
+        cache = open_cache(cfg.teacher.cache_dir, expect={
+            "teacher_sha256": teacher_sha, "explainer": cfg.loss.explainer,
+            "fingerprint": dataset_info(cfg.data).fingerprint})
+        return CachedTeacherDataset(base, cache, cfg.data)
+    return build_dataset(cfg.data, "train", encoding=cfg.encoding, train=True)
+
+
+def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
+    """Train one student by (e²)KD; returns the last epoch's metrics."""
+    h = hooks or Hooks()
+    device = h.device
+    channels_last = cfg.channels_last and device.type == "cuda"
+    seed_everything(cfg.seed)
+    info = dataset_info(cfg.data)
+
+    # The teacher is frozen: eval mode, no parameter gradients, never wrapped in DDP.
+    teacher, card = load_teacher(cfg.teacher.path)
+    if card.arch != cfg.teacher.arch:
+        raise ValueError(f"teacher.arch is {cfg.teacher.arch!r} but {cfg.teacher.path} holds a {card.arch!r} teacher")
+    if card.num_classes != info.num_classes:
+        raise ValueError(f"the teacher in {cfg.teacher.path} has {card.num_classes} classes, data "
+                         f"{cfg.data.name!r} has {info.num_classes}")
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student = build_model(cfg.student, info.num_classes, cfg.student_weights).to(device)
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    student = h.prepare_model(student)  # DDP + device placement under Ray Train
+
+    per_worker_batch = max(1, cfg.batch_size // h.world_size)
+    train_set = build_train_set(cfg, card.sha256)
+    train_loader = h.prepare_loader(DataLoader(train_set, batch_size=per_worker_batch, shuffle=True, drop_last=False))
+    eval_splits = cfg.eval_splits or info.eval_splits
+    eval_sets = {s: EvalSet(h.prepare_loader(DataLoader(build_dataset(cfg.data, s, encoding=cfg.encoding, train=False),
+                                                        batch_size=max(per_worker_batch, 64), shuffle=False)))
+                 for s in eval_splits}
+
+    opt = build_optimizer(cfg, student)
+    sched = build_scheduler(cfg, opt, len(train_loader))
+    loss_fn = E2KDLoss(cfg.loss)
+    start_epoch, step = 1, 0
+    with h.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir:
+            state = load_checkpoint(ckpt_dir)
+            unwrap(student).load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start_epoch, step = state["epoch"] + 1, state["step"]
+            h.log(f"[e2kd] resumed from checkpoint at epoch {state['epoch']} (step {step})")
+
+    # Fixed validation images for the explanation PNG (same ones every epoch and every trial).
+    grid_split = "val" if "val" in info.splits else eval_splits[0]
+    grid_set = build_dataset(cfg.data, grid_split, encoding=cfg.encoding, train=False)
+    grid_images = torch.stack([grid_set[i]["image"] for i in range(min(cfg.explain_samples, len(grid_set)))]).to(device)
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        # Reseed per (epoch, rank): a resumed run draws the same augmentations as an uninterrupted one.
+        seed_everything(cfg.seed * 100003 + epoch * 101 + h.rank)
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        student.train()
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "kd": 0.0, "exp": 0.0, "ce": 0.0}
+        n_batches = 0
+        for batch in train_loader:
+            b = _to(batch, device, channels_last)
+            x = b["image"]
+            need_maps = loss_fn.explains_at(step)
+            with autocast_context(cfg, device):
+                if cfg.teacher.mode == "cached":
+                    t_logits, t_maps = b["teacher_logits"], (b["teacher_map"] if need_maps else None)
+                else:
+                    t_logits, t_maps = teacher_targets(teacher, x, cfg.loss.explainer, need_maps)
+                out = loss_fn(student, x, t_logits, t_maps, b.get("label"), step)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss {loss.item()} at epoch {epoch}, step {step} "
+                    f"(kd={out['kd'].item()}, exp={out['exp'].item()}); lower optim.lr or loss.lam")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.adaptive_clip:
+                adaptive_clip_(student.parameters(), cfg.optim.adaptive_clip)
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            n_batches += 1
+            for k in sums:
+                sums[k] += float(out[k].detach())
+        train_time = time.perf_counter() - t0
+
+        metrics = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], "train_time_s": train_time}
+        metrics.update({f"train_{k}": v / max(1, n_batches) for k, v in sums.items()})
+        for split, es in eval_sets.items():
+            for name, value in evaluate(student, teacher, es, cfg, device, channels_last).items():
+                metrics[f"{split}_{name}"] = value
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if h.rank == 0:
+                save_checkpoint(tmp, {"model": unwrap(student).state_dict(), "optimizer": opt.state_dict(),
+                                      "scheduler": sched.state_dict(), "epoch": epoch, "step": step},
+                                meta={"epoch": epoch, "metrics": metrics, "student": cfg.student,
+                                      "num_classes": info.num_classes})
+                explanation_grid(unwrap(student), teacher, grid_images, cfg, os.path.join(tmp, "explanations.png"))
+                ckpt = tmp
+            h.report(metrics, ckpt)
+        h.log("[e2kd] epoch {epoch}/{epochs} " .format(epoch=epoch, epochs=cfg.epochs) + json.dumps(
+            {k: round(v, 4) for k, v in metrics.items() if k.endswith(("_acc", "_agreement", "train_loss"))}))
+    return metrics
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train V2 entry point. ``config["cfg"]`` is a TrainConfig."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: TrainConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    torch.set_num_threads(max(1, int(os.environ.get("E2KD_TORCH_THREADS", "1"))))
+
+    @contextlib.contextmanager
+    def latest_checkpoint():
+        ck = ray.train.get_checkpoint()
+        if ck is None:
+            yield None
+        else:
+            with ck.as_directory() as d:
+                yield d
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        ck = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report(metrics, checkpoint=ck)
+
+    hooks = Hooks(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
+                  prepare_model=ray.train.torch.prepare_model,
+                  prepare_loader=ray.train.torch.prepare_data_loader,
+                  report=report, latest_checkpoint=latest_checkpoint,
+                  log=print if ctx.get_world_rank() == 0 else (lambda s: None))
+    fit(cfg, hooks)
