@@ -62,6 +62,7 @@ class SearchConfig:
     metric: str = "val_agreement"
     mode: Literal["max", "min"] = "max"
     sampler: Literal["tpe", "random"] = "tpe"
+    n_startup_trials: int = 10  # TPE: random trials before the model-based ones (Optuna's default)
     seed: int = 0
     space: dict[str, ParamSpec] = field(default_factory=dict)
     scheduler: Literal["asha", "none"] = "asha"

@@ -50,15 +50,22 @@ def _active(p, values: dict[str, Any]) -> bool:
     return True
 
 
-def make_space(spec: SweepSpec):
-    """Define-by-run space. The first trial of a study is the KD baseline: ``loss.lam`` is fixed to
-    0 (not suggested, so the sampler's λ distribution keeps its log scale) and marked with a user
-    attribute, so it is the fixed first point of every sweep and survives a resume."""
-    space = spec.search.space
-    # Conditional entries are suggested after the entries they depend on.
-    order = sorted(space, key=lambda k: len(space[k].when or {}))
+class SearchSpace:
+    """Define-by-run space (a picklable callable: Tune checkpoints the searcher with it).
 
-    def define(trial: optuna.Trial) -> dict[str, Any]:
+    The first trial of a study is the KD baseline: ``loss.lam`` is fixed to 0 (not suggested, so
+    the sampler's λ distribution keeps its log scale), every other searched field keeps the spec's
+    own value, and the trial is marked with a user attribute, so it is the fixed first point of
+    every sweep and is recognised again after a resume."""
+
+    def __init__(self, spec: SweepSpec):
+        self.spec = spec
+        space = spec.search.space
+        # Conditional entries are suggested after the entries they depend on.
+        self.order = sorted(space, key=lambda k: len(space[k].when or {}))
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        spec, space = self.spec, self.spec.search.space
         study_trials = trial.study.get_trials(deepcopy=False)
         is_baseline = spec.search.baseline and not any(t.user_attrs.get(BASELINE_ATTR) for t in study_trials)
         values: dict[str, Any] = {}
@@ -66,24 +73,19 @@ def make_space(spec: SweepSpec):
         if is_baseline:
             trial.set_user_attr(BASELINE_ATTR, True)
             consts["loss.lam"] = 0.0
-        for key in order:
-            p = space[key]
-            if is_baseline and key == "loss.lam":
-                continue
-            if is_baseline and key not in ("loss.lam",):
-                # Baseline: the spec's own value for every other searched field, not a sample.
-                consts[key] = flatten_value(spec.train, key)
-                values[key] = consts[key]
-                continue
-            if _active(p, values):
-                values[key] = _suggest(trial, key, p)
+            flat = flatten(spec.train)
+            for key in self.order:
+                if key != "loss.lam":
+                    consts[key] = values[key] = flat[key]
+            return consts
+        for key in self.order:
+            if _active(space[key], values):
+                values[key] = _suggest(trial, key, space[key])
         return consts
 
-    return define
 
-
-def flatten_value(cfg: TrainConfig, key: str) -> Any:
-    return flatten(cfg)[key]
+def make_space(spec: SweepSpec) -> SearchSpace:
+    return SearchSpace(spec)
 
 
 def trial_config(base: TrainConfig, config: dict[str, Any]) -> TrainConfig:
@@ -182,12 +184,18 @@ def experiment_path(spec: SweepSpec, storage: str) -> str:
     return f"{storage.rstrip('/')}/{spec.name}"
 
 
+def build_searcher(spec: SweepSpec) -> OptunaSearch:
+    s = spec.search
+    sampler = (optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials) if s.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=s.seed))
+    # metric/mode go to OptunaSearch itself: with a define-by-run space TuneConfig's are not forwarded.
+    return OptunaSearch(space=make_space(spec), metric=s.metric, mode=s.mode, sampler=sampler)
+
+
 def build_tuner(spec: SweepSpec, ctx: DriverContext, callbacks: list):
     """The Tuner and the trainable it wraps (``Tuner.restore`` needs the same trainable)."""
     s = spec.search
-    sampler = optuna.samplers.TPESampler(seed=s.seed) if s.sampler == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
-    # metric/mode go to OptunaSearch itself: with a define-by-run space TuneConfig's are not forwarded.
-    searcher = OptunaSearch(space=make_space(spec), metric=s.metric, mode=s.mode, sampler=sampler)
+    searcher = build_searcher(spec)
     scheduler = (ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.train.epochs,
                                grace_period=min(s.grace_period, spec.train.epochs), reduction_factor=s.reduction_factor)
                  if s.scheduler == "asha" else FIFOScheduler())

@@ -147,8 +147,11 @@ def test_analytic_cam_equals_double_backward_in_value_and_gradient(name, size):
     ("small_bcos_cnn", "bcos_weight", 32),
     ("small_bcos_cnn", "bcos_contrib", 32),
 ])
-def test_teacher_path_builds_no_graph(name, method, size):
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_teacher_path_builds_no_graph(name, method, size, frozen):
     teacher = _model(name)
+    if frozen:  # the usual way to hold a teacher: parameters with requires_grad=False
+        teacher.requires_grad_(False)
     x = torch.rand(2, 3, size, size)
     if teacher.is_bcos:
         x = bcos_encode(x)
@@ -156,9 +159,11 @@ def test_teacher_path_builds_no_graph(name, method, size):
     for t in (e.logits, e.maps):
         assert not t.requires_grad and t.grad_fn is None
     assert all(p.grad is None for p in teacher.parameters())
-    # the student path, by contrast, is differentiable
-    s = explain(teacher, x, method=method, create_graph=True)
+    # the same maps as the student path's (which, by contrast, is differentiable)
+    s = explain(teacher.requires_grad_(True), x, method=method, create_graph=True)
     assert s.maps.requires_grad and s.logits.requires_grad
+    torch.testing.assert_close(e.maps, s.maps.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(e.logits, s.logits.detach(), rtol=1e-5, atol=1e-7)
 
 
 def test_bcos_explainer_on_standard_cnn_raises():

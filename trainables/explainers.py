@@ -14,7 +14,6 @@ passes the teacher's top-1 for both models.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -141,13 +140,21 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor | None, create_graph: bo
 def gradcam_autograd(model: nn.Module, x: Tensor, target: Tensor | None, create_graph: bool) -> Explanation:
     """GradCAM always through autograd (the reference code's double-backward route for students).
     Kept as a second code path: tests and the step benchmark compare it with the analytic CAM."""
-    with contextlib.nullcontext() if create_graph else torch.enable_grad():
+    if create_graph:
         logits, a = model(x, with_features=True)
         t = _select(logits, target)
-        maps = autograd_cam(a, logits, t, create_graph)
-    if not create_graph:
-        logits, maps = logits.detach(), maps.detach()
-    return Explanation(logits, maps, t)
+        return Explanation(logits, autograd_cam(a, logits, t, True), t)
+    # Teacher: A is made a leaf so the head can be differentiated even when the teacher's
+    # parameters are frozen (requires_grad=False: A would carry no graph at all otherwise).
+    inner = unwrap(model)
+    with torch.no_grad():
+        a = inner.features(x)
+    with torch.enable_grad():
+        a = a.detach().requires_grad_(True)
+        logits = inner.head(a)
+        t = _select(logits, target)
+        maps = autograd_cam(a, logits, t, create_graph=False)
+    return Explanation(logits.detach(), maps.detach(), t)
 
 
 # ------------------------------------ B-cos --------------------------------------------------

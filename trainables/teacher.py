@@ -44,7 +44,7 @@ class ModelCard:
     teacher_data: str  # dataset it actually trained on (e.g. digits)
     data_fingerprint: str  # dataset_info(teacher data).fingerprint
     data_config: dict
-    test_accuracy: float  # top-1 (multi-label: the top-1 class is present)
+    test_accuracy: float | None  # top-1 (multi-label: the top-1 class is present)
     val_accuracy: float | None
     eval_split: str
     epochs: int
@@ -168,16 +168,29 @@ def train_teacher(arch: str, data: DataConfig, out_dir: str | os.PathLike, epoch
     seconds = time.perf_counter() - t0
     progress(f"{eval_split} accuracy {test_acc:.4f} after {seconds:.1f}s")
 
+    return save_teacher(model, arch, data, out_dir, test_accuracy=test_acc, val_accuracy=val_acc,
+                        eval_split=eval_split, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                        train_samples=len(train_ds), train_seconds=round(seconds, 2))
+
+
+def save_teacher(model: Classifier, arch: str, data: DataConfig, out_dir: str | os.PathLike, **card_fields) -> ModelCard:
+    """Write ``model`` as a teacher (teacher.pt, then teacher.json), atomically. ``card_fields``
+    fill the training-related card fields (defaults describe an untrained model)."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    tdata = family(data).teacher_config(data)
+    info = dataset_info(tdata)
     weights = os.path.join(out_dir, WEIGHTS_FILE)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _atomic_write(weights, lambda tmp: torch.save(state, tmp))
+    defaults = dict(test_accuracy=None, val_accuracy=None, eval_split="", epochs=0, lr=0.0, batch_size=0,
+                    seed=0, train_samples=0, train_seconds=0.0)
     card = ModelCard(
-        arch=arch, num_classes=info.num_classes, encoding=enc, image_size=tdata.image_size, data_name=data.name,
-        teacher_data=tdata.name, data_fingerprint=info.fingerprint, data_config=tdata.to_dict(),
-        test_accuracy=test_acc, val_accuracy=val_acc, eval_split=eval_split, epochs=epochs, lr=lr,
-        batch_size=batch_size, seed=seed, train_samples=len(train_ds), train_seconds=round(seconds, 2),
-        sha256=file_sha256(weights), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        torch_version=torch.__version__)
+        arch=arch, num_classes=info.num_classes, encoding=model.input_encoding, image_size=tdata.image_size,
+        data_name=data.name, teacher_data=tdata.name, data_fingerprint=info.fingerprint,
+        data_config=tdata.to_dict(), sha256=file_sha256(weights),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), torch_version=torch.__version__,
+        **{**defaults, **card_fields})
     _write_text(os.path.join(out_dir, CARD_FILE), card.to_json())
     return card
 
@@ -309,5 +322,5 @@ def build_cache_local(teacher_dir: str | os.PathLike, data: DataConfig, explaine
         return w.close()
 
 
-__all__ = ["ModelCard", "TeacherRunner", "build_cache_local", "train_teacher", "load_teacher", "read_card", "teacher_paths", "teacher_outputs",
+__all__ = ["ModelCard", "TeacherRunner", "build_cache_local", "save_teacher", "train_teacher", "load_teacher", "read_card", "teacher_paths", "teacher_outputs",
            "evaluate_accuracy", "WEIGHTS_FILE", "CARD_FILE"]
