@@ -324,12 +324,17 @@ def check_search_space(spec: SweepSpec) -> None:
         for cond in (p.when or {}):
             if cond not in spec.search.space:
                 raise SpecError(f"{where}.when: {cond!r} is not a search-space key")
-    from trainables.data import dataset_info
+    from trainables.data.base import family
 
+    # The family's declared splits: no disk access, so cluster specs validate on a laptop.
     try:
-        splits = spec.train.eval_splits or dataset_info(spec.train.data).eval_splits
+        fam = family(spec.train.data)
     except (ValueError, KeyError) as e:
         raise SpecError(f"data: {e}") from None
+    try:
+        splits = spec.train.eval_splits or fam.available_eval_splits(spec.train.data)
+    except OSError:  # data not on this machine (a cluster spec): the family's declared splits
+        splits = fam.eval_splits
     if not any(spec.search.metric.startswith(f"{s}_") for s in (*splits, "train")):
         raise SpecError(f"search.metric: {spec.search.metric!r} is not reported; metrics are <split>_<name> "
                         f"with split in {', '.join(splits)} (e.g. val_agreement, val_acc)")

@@ -159,17 +159,36 @@ def evaluate(student: nn.Module, teacher: nn.Module, es: EvalSet, cfg: TrainConf
     """Every metric the split supports, summed locally then all-reduced once across workers."""
     info = dataset_info(cfg.data)
     ms = MetricSet.build(exp_sim=True, num_groups=info.num_groups if info.has_groups else 0,
-                         multilabel_classes=info.num_classes if info.multilabel else 0)
+                         multilabel_classes=info.num_classes if info.multilabel else 0, localisation=info.has_boxes)
     student.eval()
     teacher_out = es.teacher_outputs(teacher, cfg, device, channels_last)
     for batch, (t_logits, t_maps, t_target) in zip(es.loader, teacher_out):
         b = _to(batch, device, channels_last)
         with autocast_context(cfg, device):
             s = explain(student, b["image"], t_target, cfg.loss.explainer, create_graph=False)
+        contrib, masks = (localisation_inputs(student, b, cfg) if info.has_boxes else (None, None))
         ms.update(logits=s.logits.float(), labels=b["label"], teacher_logits=t_logits,
-                  maps=s.maps.float(), teacher_maps=t_maps, groups=b.get("group"))
+                  maps=s.maps.float(), teacher_maps=t_maps, groups=b.get("group"),
+                  contrib_maps=contrib, box_masks=masks)
     ms.all_reduce()
     return ms.compute()
+
+
+def localisation_inputs(student: nn.Module, b: dict, cfg: TrainConfig) -> tuple[Tensor, Tensor]:
+    """EPG/IoU inputs: for every (image, present class) pair, the student's contribution map for
+    that class (B-cos: sum_ch W(x)*x; standard CNNs: GradCAM) and the union mask of its boxes."""
+    from trainables.data import box_mask
+
+    labels = b["label"]
+    img_idx, cls = (labels > 0).nonzero(as_tuple=True) if labels.dim() == 2 else (
+        torch.arange(len(labels), device=labels.device), labels)
+    method = "bcos_contrib" if cfg.encoding == "bcos6" else "gradcam"
+    x = b["image"][img_idx]
+    contrib = explain(student, x, cls, method, create_graph=False).maps.float()
+    size = tuple(x.shape[-2:])
+    boxes = b["boxes"].cpu()
+    masks = torch.stack([box_mask(boxes[i], int(c), size) for i, c in zip(img_idx.tolist(), cls.tolist())])
+    return contrib, masks.to(contrib.device)
 
 
 def explanation_grid(student: nn.Module, teacher: nn.Module, images: Tensor, cfg: TrainConfig, path: str) -> None:
