@@ -78,7 +78,7 @@ def ensure_cache(spec: SweepSpec, force: bool = False) -> None:
 
     print(f"[e2kd] caching teacher logits + {t.loss.explainer} maps -> {t.teacher.cache_dir}")
     build_cache(t.teacher.path, t.data, t.loss.explainer, t.teacher.cache_dir, use_gpu=spec.resources.use_gpu,
-                encoding=t.encoding)
+                overwrite=force)
 
 
 def cmd_sweep(args) -> int:
@@ -102,6 +102,32 @@ def cmd_sweep(args) -> int:
     report.print_report(spec.mlflow.experiment, args.tracking_uri or spec.mlflow.tracking_uri, sweep=spec.name,
                         out_dir=os.path.join(os.path.dirname(os.path.abspath(spec.storage)) if "://" not in spec.storage
                                              else ".", "reports", spec.name))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """KD vs e²KD at the spec's fixed hyperparameters over several seeds (a Tune grid, no search)."""
+    import dataclasses
+
+    from orchestrator import report
+    from orchestrator.sweep import init_ray, run_sweep
+
+    spec = _load(args)
+    spec = dataclasses.replace(spec, name=args.name or f"{spec.name}-compare")
+    args.lam = args.lam or sorted({0.0, spec.train.loss.lam})
+    preflight(spec, args.tracking_uri)
+    ensure_teacher(spec)
+    started = init_ray(args.address, spec.resources.num_cpus)
+    try:
+        ensure_cache(spec)
+        run_sweep(spec, resume=args.resume, tracking_uri=args.tracking_uri,
+                  grid={"seed": args.seeds, "loss.lam": args.lam})
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    report.print_compare(spec.mlflow.experiment, args.tracking_uri or spec.mlflow.tracking_uri, spec.name)
     return 0
 
 
@@ -210,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
     sp.add_argument("--address", help="Ray cluster address (e.g. auto); default: RAY_ADDRESS or a local instance")
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (overrides mlflow.tracking_uri)")
+    sp = spec_cmd("compare", "KD vs e²KD over seeds at the spec's hyperparameters (mean ± std table)", cmd_compare)
+    sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    sp.add_argument("--lam", type=float, nargs="+", default=None,
+                    help="λ values to compare (default: 0 and the spec's loss.lam)")
+    sp.add_argument("--name", help="sweep name (default: <spec name>-compare)")
+    sp.add_argument("--resume", action="store_true")
+    sp.add_argument("--address")
+    sp.add_argument("--tracking-uri")
     sp = spec_cmd("train", "train one student on Ray Train (no Tune)", cmd_train)
     sp.add_argument("--address")
     sp.add_argument("--tracking-uri")

@@ -157,3 +157,63 @@ def print_report(experiment: str, tracking_uri: str, sweep: str | None = None, o
         f.write(text + "\n")
     client.log_artifact(parent.info.run_id, report_path, artifact_path="report")
     return text
+
+
+def compare_table(children, metrics: tuple[str, ...] | None = None) -> str:
+    """Markdown table: mean ± std over seeds for each λ, and the per-seed paired difference to KD."""
+    import statistics
+
+    groups: dict[float, dict[int, dict[str, float]]] = {}
+    for r in children:
+        if r.info.status != "FINISHED":
+            continue
+        lam = float(r.data.params.get("loss.lam", "nan"))
+        seed = int(r.data.params.get("seed", "0"))
+        groups.setdefault(lam, {})[seed] = r.data.metrics
+    if not groups:
+        return "(no finished runs)"
+    keys = metrics or tuple(sorted({k for g in groups.values() for m in g.values() for k in m
+                                    if k.startswith(("test", "val_")) and k.split("_", 1)[-1] in SHOW
+                                    or k.endswith(("_acc", "_agreement", "_exp_sim"))
+                                    if not k.startswith("train_") and "group_acc_" not in k}))
+
+    def fmt(vals: list[float]) -> str:
+        vals = [v for v in vals if v == v]
+        if not vals:
+            return "–"
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{100 * statistics.mean(vals):.1f} ± {100 * sd:.1f}"
+
+    lams = sorted(groups)
+    base = groups.get(0.0)
+    head = ["metric (%)"] + [("KD (λ=0)" if lam == 0 else f"e²KD λ={lam:g}") for lam in lams]
+    if base is not None:
+        head += [f"Δ λ={lam:g} − KD (paired)" for lam in lams if lam != 0]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in keys:
+        row = [k] + [fmt([m.get(k, math.nan) for m in groups[lam].values()]) for lam in lams]
+        if base is not None:
+            for lam in lams:
+                if lam == 0:
+                    continue
+                common = sorted(set(base) & set(groups[lam]))
+                row.append(fmt([groups[lam][s].get(k, math.nan) - base[s].get(k, math.nan) for s in common]))
+        lines.append("| " + " | ".join(row) + " |")
+    seeds = sorted({s for g in groups.values() for s in g})
+    lines.append(f"\nseeds: {seeds}; {sum(len(g) for g in groups.values())} finished runs")
+    return "\n".join(lines)
+
+
+def print_compare(experiment: str, tracking_uri: str, sweep: str, out_dir: str | None = None) -> str:
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    parent, children = load_sweep(client, experiment, sweep)
+    text = compare_table(children)
+    print(text)
+    out = out_dir or os.path.join("reports", sweep)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "compare.md")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    client.log_artifact(parent.info.run_id, path, artifact_path="report")
+    return text

@@ -89,6 +89,9 @@ class ResourcesConfig:
     max_concurrent_trials: int | None = None  # None: derived from the cluster's resources
     num_cpus: int | None = None  # logical CPUs for a local Ray instance (None: Ray's default)
     driver_resource: str | None = None  # custom resource pinning driver fns to safe (non-spot) nodes
+    # How one trial's Train workers are placed (ray.train.ScalingConfig.placement_strategy):
+    # STRICT_SPREAD puts every worker on a different node.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def __post_init__(self) -> None:
         if self.workers_per_trial < 1:

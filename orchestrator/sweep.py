@@ -127,7 +127,8 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
         scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu,
-                                               resources_per_worker=worker_res),
+                                               resources_per_worker=worker_res,
+                                               placement_strategy=r.placement_strategy),
         run_config=ray.train.RunConfig(
             # Deterministic name: a retried trial (or a resumed sweep) resumes its own Train run
             # from the latest checkpoint instead of starting over.
@@ -192,21 +193,29 @@ def build_searcher(spec: SweepSpec) -> OptunaSearch:
     return OptunaSearch(space=make_space(spec), metric=s.metric, mode=s.mode, sampler=sampler)
 
 
-def build_tuner(spec: SweepSpec, ctx: DriverContext, callbacks: list):
-    """The Tuner and the trainable it wraps (``Tuner.restore`` needs the same trainable)."""
+def build_tuner(spec: SweepSpec, ctx: DriverContext, callbacks: list, grid: dict[str, list] | None = None):
+    """The Tuner and the trainable it wraps (``Tuner.restore`` needs the same trainable).
+
+    Without ``grid``: Optuna over ``search.space`` (+ ASHA). With ``grid`` (dotted key -> values):
+    every combination once, no early stopping — the fixed comparison ``e2kd compare`` runs."""
     s = spec.search
-    searcher = build_searcher(spec)
-    scheduler = (ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.train.epochs,
-                               grace_period=min(s.grace_period, spec.train.epochs), reduction_factor=s.reduction_factor)
-                 if s.scheduler == "asha" else FIFOScheduler())
     driver_res: dict[str, float] = {"CPU": spec.resources.driver_cpus}
     if spec.resources.driver_resource:
         driver_res[spec.resources.driver_resource] = 0.01
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, ctx=ctx), driver_res)
+    if grid is None:
+        tune_config = ray.tune.TuneConfig(
+            search_alg=build_searcher(spec), num_samples=s.num_trials, max_concurrent_trials=concurrency(spec),
+            scheduler=(ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.train.epochs,
+                                     grace_period=min(s.grace_period, spec.train.epochs),
+                                     reduction_factor=s.reduction_factor)
+                       if s.scheduler == "asha" else FIFOScheduler()))
+        param_space = None
+    else:
+        tune_config = ray.tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency(spec))
+        param_space = {k: ray.tune.grid_search(list(v)) for k, v in grid.items()}
     return ray.tune.Tuner(
-        trainable,
-        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_trials,
-                                        max_concurrent_trials=concurrency(spec)),
+        trainable, param_space=param_space, tune_config=tune_config,
         run_config=ray.tune.RunConfig(
             name=spec.name, storage_path=ctx.storage_path, callbacks=callbacks,
             failure_config=ray.tune.FailureConfig(max_failures=spec.max_failures),
@@ -219,8 +228,9 @@ def resolve_storage(storage: str) -> str:
 
 
 def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None = None,
-              log=print) -> ray.tune.ResultGrid:
-    """Run (or resume) a sweep on the Ray instance already initialised by the caller."""
+              log=print, grid: dict[str, list] | None = None) -> ray.tune.ResultGrid:
+    """Run (or resume) a sweep on the Ray instance already initialised by the caller.
+    ``grid`` replaces the Optuna search by a fixed grid (see :func:`build_tuner`)."""
     from mlflow import MlflowClient
 
     uri = tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
@@ -245,12 +255,13 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
     check_schedulable(spec)
     ctx = DriverContext(spec=spec, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, storage_path=storage)
     callbacks = [tracking.MlflowTrialFinalizer(uri, exp_id, parent)]
-    tuner, trainable = build_tuner(spec, ctx, callbacks)
+    tuner, trainable = build_tuner(spec, ctx, callbacks, grid)
     if resume and can_restore:
         # Finished trials are restored, not rerun; the searcher (with its Optuna study, including
         # the KD baseline) is unpickled from the experiment state.
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    log(f"[e2kd] sweep {spec.name!r}: {spec.search.num_trials} trials × {spec.resources.workers_per_trial} "
+    n_trials = math.prod(len(v) for v in grid.values()) if grid else spec.search.num_trials
+    log(f"[e2kd] sweep {spec.name!r}: {n_trials} trials × {spec.resources.workers_per_trial} "
         f"Ray Train workers, up to {concurrency(spec)} at once; results in {path}; MLflow {uri} "
         f"(experiment {spec.mlflow.experiment!r}, parent run {parent})")
     try:
@@ -259,7 +270,14 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         log(f"[e2kd] interrupted: resume with `e2kd sweep {spec.source} --resume`")
         client.set_terminated(parent, status="KILLED")
         raise
-    client.set_terminated(parent, status="FINISHED")
+    finished = grid.num_terminated + grid.num_errors
+    if finished < n_trials and not grid.errors:
+        # Tune catches the first Ctrl-C itself, saves the experiment and returns early.
+        log(f"[e2kd] sweep stopped after {finished}/{n_trials} trials: resume with "
+            f"`e2kd sweep {spec.source or 'SPEC'} --resume`")
+        client.set_terminated(parent, status="KILLED")
+        return grid
+    client.set_terminated(parent, status="FINISHED" if not grid.errors else "FAILED")
     return grid
 
 
