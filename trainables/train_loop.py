@@ -351,6 +351,31 @@ def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
     return metrics
 
 
+@contextlib.contextmanager
+def _newest_valid_checkpoint(ck):
+    """The latest registered checkpoint, or — when it is truncated or corrupt (checksum mismatch) —
+    the newest older sibling that verifies. Yields a local directory."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from trainables.checkpoint import CorruptCheckpointError
+
+    parent = os.path.dirname(ck.path.rstrip("/"))
+    infos = ck.filesystem.get_file_info(pafs.FileSelector(parent))
+    siblings = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                       and os.path.basename(i.path).startswith("checkpoint_") and i.path != ck.path), reverse=True)
+    for candidate in [ck.path] + siblings:
+        with ray.train.Checkpoint(candidate, ck.filesystem).as_directory() as d:
+            try:
+                load_checkpoint(d)
+            except CorruptCheckpointError as e:
+                print(f"[e2kd] skipping checkpoint {candidate}: {e}")
+                continue
+            yield d
+            return
+    raise CorruptCheckpointError(f"no readable checkpoint under {parent}")
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train V2 entry point. ``config["cfg"]`` is a TrainConfig."""
     import ray.train
@@ -365,9 +390,9 @@ def train_loop_per_worker(config: dict) -> None:
         ck = ray.train.get_checkpoint()
         if ck is None:
             yield None
-        else:
-            with ck.as_directory() as d:
-                yield d
+            return
+        with contextlib.ExitStack() as stack:
+            yield stack.enter_context(_newest_valid_checkpoint(ck))
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         ck = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
