@@ -16,7 +16,9 @@ Variants:
     python bench/step.py --device cuda --amp bf16 --channels-last
 
 Medians over ``--steps`` repetitions (after ``--warmup`` untimed ones); ratios are to ``kd``
-(standard) and to ``bcos_kd`` (B-cos).
+(standard) and to ``bcos_kd`` (B-cos). Wall time and process CPU time are both reported: on a
+shared CPU machine use ``--threads 1`` and read the CPU-time ratio (other jobs preempting this one
+inflate wall time but not CPU time); on GPU read wall time.
 """
 from __future__ import annotations
 
@@ -136,14 +138,16 @@ def run(args) -> dict:
             steps[v.name](i)
     _sync(device)
     times: dict[str, list[float]] = {v.name: [] for v in variants}
+    cpu_times: dict[str, list[float]] = {v.name: [] for v in variants}
     for i in range(args.steps):
         order = variants if i % 2 == 0 else variants[::-1]  # alternate direction: no fixed neighbour
         for v in order:
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps[v.name](args.warmup + i)
             _sync(device)
             times[v.name].append(time.perf_counter() - t0)
+            cpu_times[v.name].append(time.process_time() - c0)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -160,13 +164,17 @@ def run(args) -> dict:
 
     med = {k: statistics.median(t) for k, t in times.items()}
     q = {k: statistics.quantiles(t, n=4, method="inclusive") if len(t) >= 2 else [t[0]] * 3 for k, t in times.items()}
+    cpu = {k: statistics.median(t) for k, t in cpu_times.items()}
     base = {"standard": "kd", "bcos": "bcos_kd"}
     rows = []
     for v in variants:
         b = base[v.family]
         rows.append({"variant": v.name, "median_ms": 1e3 * med[v.name], "q1_ms": 1e3 * q[v.name][0],
                      "q3_ms": 1e3 * q[v.name][2],
-                     "ratio": med[v.name] / med[b] if b in med else None, "vs": b})
+                     "ratio": med[v.name] / med[b] if b in med else None, "vs": b,
+                     # process CPU time: robust to other jobs preempting this one on a shared CPU box
+                     # (meaningful with --threads 1; on GPU it measures the host side only)
+                     "cpu_median_ms": 1e3 * cpu[v.name], "cpu_ratio": cpu[v.name] / cpu[b] if b in cpu else None})
     return {"device": str(device), "device_name": _device_name(device), "size": args.size, "batch": args.batch,
             "steps": args.steps, "warmup": args.warmup, "amp": args.amp, "channels_last": args.channels_last,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
@@ -184,10 +192,12 @@ def print_table(res: dict) -> None:
     print(f"device={res['device']} ({res['device_name']}) size={res['size']} batch={res['batch']} "
           f"steps={res['steps']} warmup={res['warmup']} amp={res['amp']} channels_last={res['channels_last']} "
           f"threads={res['threads']} torch={res['torch']}")
-    print(f"{'variant':<15} {'median ms':>10} {'q1 ms':>9} {'q3 ms':>9} {'ratio':>7}  vs")
+    print(f"{'variant':<15} {'wall ms':>9} {'q1 ms':>9} {'q3 ms':>9} {'ratio':>7} {'cpu ms':>9} {'cpu ratio':>9}  vs")
     for r in res["rows"]:
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
-        print(f"{r['variant']:<15} {r['median_ms']:>10.1f} {r['q1_ms']:>9.1f} {r['q3_ms']:>9.1f} {ratio:>7}  {r['vs']}")
+        cratio = f"{r['cpu_ratio']:.3f}" if r["cpu_ratio"] is not None else "-"
+        print(f"{r['variant']:<15} {r['median_ms']:>9.1f} {r['q1_ms']:>9.1f} {r['q3_ms']:>9.1f} {ratio:>7} "
+              f"{r['cpu_median_ms']:>9.1f} {cratio:>9}  {r['vs']}")
 
 
 ALL = ["kd", "e2kd_analytic", "e2kd_autograd", "bcos_kd", "bcos_e2kd"]

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from sklearn.metrics import accuracy_score, f1_score
 
 from trainables.metrics import (Accuracy, Agreement, ExplanationSimilarity, GroupAccuracy, Localisation,
                                 MetricSet, MultiLabelF1, boxes_to_mask, epg_iou)
@@ -99,6 +98,8 @@ def test_epg_iou_hand_computed():
 
 
 def test_against_sklearn():
+    from sklearn.metrics import accuracy_score, f1_score  # here, not at module level: spawned workers skip it
+
     rng = np.random.default_rng(0)
     logits = torch.from_numpy(rng.normal(size=(97, 6)))
     labels = torch.from_numpy(rng.integers(0, 6, size=97))
