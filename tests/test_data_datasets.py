@@ -37,7 +37,8 @@ def test_registry_and_unknown_name():
     assert {"digits", "decoy-digits", "imagefolder", "waterbirds", "voc"} <= set(DATASETS)
     with pytest.raises(ValueError, match="data.name"):
         build_dataset(DataConfig(name="nope"), "train")
-    assert default_config("imagefolder").image_size == 224 and default_config("digits").image_size == 32
+    assert default_config("imagefolder").image_size == 224 and default_config("imagefolder").hflip
+    assert default_config("digits").image_size == 32 and not default_config("digits").hflip
 
 
 # ------------------------------------ digits -------------------------------------------------
@@ -78,7 +79,8 @@ def test_kshot_deterministic_exact_nested_and_too_many():
     assert set(a.ids.tolist()) <= set(big.ids.tolist())  # same seed: 5-shot inside 20-shot
     val = set(build_dataset(DataConfig(shots=5, seed=3), "val").ids.tolist())
     assert not (set(a.ids.tolist()) & val)
-    assert dataset_info(DataConfig(shots=5, seed=3)).fingerprint != dataset_info(DataConfig(shots=5, seed=4)).fingerprint
+    fp = [dataset_info(DataConfig(shots=5, seed=s)).fingerprint for s in (3, 4)]
+    assert fp[0] != fp[1]
     with pytest.raises(ValueError, match=r"data.shots=500.*class '\d'"):
         build_dataset(DataConfig(shots=500), "train")
 

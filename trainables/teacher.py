@@ -105,7 +105,7 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, multilabel: bool = F
     return correct / max(total, 1)
 
 
-def train_teacher(arch: str, data: DataConfig, out_dir: str | os.PathLike, epochs: int = 20,
+def train_teacher(arch: str, data: DataConfig, out_dir: str | os.PathLike, epochs: int = 15,
                   lr: float = 2e-3, batch_size: int = 64, seed: int = 0,
                   progress: Callable[[str], None] | None = print, max_train_samples: int | None = None,
                   weight_decay: float = 1e-4) -> ModelCard:
@@ -138,12 +138,16 @@ def train_teacher(arch: str, data: DataConfig, out_dir: str | os.PathLike, epoch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0 if model.is_bcos else weight_decay)
     total = max(1, epochs * len(loader))
     warm = min(len(loader), total // 2)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(warm, 1) if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1))))
+    def lr_factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / max(warm, 1)
+        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     loss_fn: Callable[[Tensor, Tensor], Tensor] = (
         (lambda z, y: F.binary_cross_entropy_with_logits(z, y)) if info.multilabel else F.cross_entropy)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     progress(f"teacher {arch} on {tdata.name} ({len(train_ds)} train images, {enc}), {epochs} epochs")
     val_acc = None
     for epoch in range(1, epochs + 1):
@@ -165,15 +169,18 @@ def train_teacher(arch: str, data: DataConfig, out_dir: str | os.PathLike, epoch
             msg += f" val_acc {val_acc:.4f}"
         progress(msg + f" ({time.perf_counter() - t0:.1f}s)")
     test_acc = evaluate_accuracy(model, eval_loader, info.multilabel)
-    seconds = time.perf_counter() - t0
-    progress(f"{eval_split} accuracy {test_acc:.4f} after {seconds:.1f}s")
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    progress(f"{eval_split} accuracy {test_acc:.4f} after {seconds:.1f}s wall, {cpu:.1f}s CPU "
+             f"({torch.get_num_threads()} threads)")
 
     return save_teacher(model, arch, data, out_dir, test_accuracy=test_acc, val_accuracy=val_acc,
                         eval_split=eval_split, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                        train_samples=len(train_ds), train_seconds=round(seconds, 2))
+                        train_samples=len(train_ds), train_seconds=round(seconds, 2),
+                        extra={"cpu_seconds": round(cpu, 1), "threads": torch.get_num_threads()})
 
 
-def save_teacher(model: Classifier, arch: str, data: DataConfig, out_dir: str | os.PathLike, **card_fields) -> ModelCard:
+def save_teacher(model: Classifier, arch: str, data: DataConfig, out_dir: str | os.PathLike,
+                 **card_fields) -> ModelCard:
     """Write ``model`` as a teacher (teacher.pt, then teacher.json), atomically. ``card_fields``
     fill the training-related card fields (defaults describe an untrained model)."""
     out_dir = os.fspath(out_dir)
@@ -216,7 +223,8 @@ def load_teacher(path: str | os.PathLike) -> tuple[Classifier, ModelCard]:
     sha256 against the model card. Raises ValueError naming the file on mismatch."""
     weights, card_path = teacher_paths(path)
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"teacher weights not found: {weights}")
+        raise FileNotFoundError(f"teacher weights not found: {weights} (expected a directory holding "
+                                f"{WEIGHTS_FILE} + {CARD_FILE}, or the {WEIGHTS_FILE} file itself)")
     card = read_card(path)
     actual = file_sha256(weights)
     if actual != card.sha256:
@@ -322,5 +330,6 @@ def build_cache_local(teacher_dir: str | os.PathLike, data: DataConfig, explaine
         return w.close()
 
 
-__all__ = ["ModelCard", "TeacherRunner", "build_cache_local", "save_teacher", "train_teacher", "load_teacher", "read_card", "teacher_paths", "teacher_outputs",
+__all__ = ["ModelCard", "TeacherRunner", "build_cache_local", "save_teacher", "train_teacher", "load_teacher",
+           "read_card", "teacher_paths", "teacher_outputs",
            "evaluate_accuracy", "WEIGHTS_FILE", "CARD_FILE"]

@@ -80,6 +80,7 @@ class DatasetFamily(ABC):
     group_names: tuple[str, ...] = ()
     has_boxes: bool = False
     default_image_size: int = 224
+    default_hflip: bool = True  # natural images flip; digits do not
     splits: tuple[str, ...] = ("train", "val", "test")
     eval_splits: tuple[str, ...] = ("val", "test")
     name: str = "?"
@@ -168,10 +169,12 @@ def dataset_info(cfg: DataConfig) -> DataInfo:
 
 
 def default_config(name: str, **overrides) -> DataConfig:
-    """A DataConfig with the family's natural image size (224 for folder datasets, 32 for digits)."""
+    """A DataConfig with the family's natural defaults: 224 px + horizontal flip for the folder
+    datasets (the paper's RandomResizedCrop(224) + flip), 32 px without flip for digits."""
     if name not in DATASETS:
         raise ValueError(f"data.name={name!r} is not a known dataset; known: {', '.join(sorted(DATASETS))}")
     overrides.setdefault("image_size", DATASETS[name].default_image_size)
+    overrides.setdefault("hflip", DATASETS[name].default_hflip)
     return DataConfig(name=name, **overrides)
 
 

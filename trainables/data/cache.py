@@ -99,6 +99,15 @@ def encode_maps(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
+def roundtrip_maps(maps: Tensor, max_side: int | None) -> Tensor:
+    """What training sees for live ``maps`` [B,...] at input resolution: shrink to the stored
+    resolution, float16-encode, decode, upsample back (bilinear). For fidelity measurements."""
+    small = shrink_maps(maps.float(), max_side)
+    q, scale = encode_maps(small.cpu().numpy())
+    dec = torch.from_numpy(q.astype(np.float32)) * torch.from_numpy(scale).view(-1, *([1] * (q.ndim - 1)))
+    return torch.stack([expand_map(m, tuple(maps.shape[-2:])) for m in dec])
+
+
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -422,4 +431,5 @@ class CachedTeacherDataset(Dataset):
 
 
 __all__ = ["CacheError", "CacheWriter", "CachedTeacherDataset", "TeacherCache", "encode_maps", "expand_map",
-           "open_cache", "read_manifest", "shrink_maps", "stored_map_shape", "unfinished_caches", "FORMAT_VERSION"]
+           "open_cache", "read_manifest", "roundtrip_maps", "shrink_maps", "stored_map_shape", "unfinished_caches",
+           "FORMAT_VERSION"]

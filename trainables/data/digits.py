@@ -89,6 +89,7 @@ class _DigitSource(Source):
 @register_dataset("digits")
 class Digits(DatasetFamily):
     default_image_size = 32
+    default_hflip = False
     splits = ("train", "val", "test")
     eval_splits = ("val", "test")
 
