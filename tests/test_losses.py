@@ -8,7 +8,7 @@ import torch
 
 import trainables.explainers as ex
 from trainables.explainers import explain
-from trainables.losses import E2KDLoss, LossConfig, explanation_loss, kd_loss, multilabel_kd_loss
+from trainables.losses import E2KDLoss, LossConfig, cosine_per_sample, explanation_loss, kd_loss, multilabel_kd_loss
 from trainables.models import build_model
 
 torch.set_num_threads(1)
@@ -176,3 +176,18 @@ def test_guidance_interval_skips_explanations(monkeypatch):
 def test_loss_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         LossConfig(**{field: value})
+
+
+def test_cosine_is_exact_for_tiny_maps():
+    """An untrained B-cos student's W(x) is ~1e-15: the cosine (value and gradient) must still be
+    the true one, not a clamped ~0. Reference: the textbook formula in float64 (F.cosine_similarity
+    itself clamps each norm at 1e-8 and returns ~1e-6 here)."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(3, 6 * 8 * 8, generator=g, dtype=torch.float64) * 1e-15).requires_grad_(True)
+    b = torch.rand(3, 6 * 8 * 8, generator=g, dtype=torch.float64)
+    ours = cosine_per_sample(a, b)
+    ref = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    assert torch.allclose(ours.double(), ref, rtol=1e-5), (ours, ref)
+    (g_ours,) = torch.autograd.grad(ours.sum(), a)
+    (g_ref,) = torch.autograd.grad(ref.sum(), a)
+    assert torch.allclose(g_ours.double(), g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))

@@ -38,14 +38,21 @@ def multilabel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperatu
     return kl.sum(dim=1).mean() * t * t
 
 
+def _unit_scale(m: Tensor) -> Tensor:
+    """Divide each row by its (detached) max |value|. Cosine is scale-invariant and its gradient is
+    homogeneous of degree -1, so value and gradient are unchanged; what changes is that maps of
+    ~1e-15 (an untrained B-cos network's W(x)) no longer underflow the eps guard below."""
+    return m / m.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+
+
 def cosine_per_sample(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
     """Cosine similarity of the flattened maps, per sample, with no normalisation of the maps.
 
     The denominator is clamped *before* the square root, so an all-zero map gives cos = 0 with a
     finite (zero) gradient, where F.cosine_similarity's norm would differentiate 0/0.
     """
-    a = a.flatten(1).float()
-    b = b.flatten(1).float()
+    a = _unit_scale(a.flatten(1).float())
+    b = _unit_scale(b.flatten(1).float())
     dot = (a * b).sum(dim=1)
     denom = ((a * a).sum(dim=1) * (b * b).sum(dim=1)).clamp_min(eps * eps).sqrt()
     return dot / denom
