@@ -7,13 +7,15 @@ refused with a message naming the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from trainables.models import file_sha256
 
 STATE = "state.pt"
 META = "meta.json"
@@ -23,48 +25,40 @@ class CorruptCheckpointError(ValueError):
     pass
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temp file in the same directory, then rename over ``path``: readers see
+    the old file or the whole new one, never a partial one."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def w(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, w)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(directory: str, state: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
     os.makedirs(directory, exist_ok=True)
     state_path = os.path.join(directory, STATE)
     atomic_torch_save(state, state_path)
-    full_meta = dict(meta or {}, sha256=_sha256(state_path))
+    full_meta = dict(meta or {}, sha256=file_sha256(state_path))
     atomic_write_bytes(os.path.join(directory, META), json.dumps(full_meta, default=float).encode())
 
 
@@ -84,7 +78,7 @@ def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") ->
     state_path = os.path.join(directory, STATE)
     if not os.path.isfile(state_path):
         raise CorruptCheckpointError(f"checkpoint {directory} is incomplete: {STATE} is missing")
-    actual = _sha256(state_path)
+    actual = file_sha256(state_path)
     if actual != meta.get("sha256"):
         raise CorruptCheckpointError(
             f"checkpoint file {state_path} is corrupt or truncated: sha256 {actual[:12]}… != recorded "

@@ -125,7 +125,13 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor | None, create_graph: bo
             logits, a = model(x, with_features=True)
             t = _select(logits, target)
             return Explanation(logits, analytic_cam(a, linear, t), t)
-    # Teacher, general head: the backbone runs without a graph; only the head is differentiated.
+    return _frozen_head_cam(inner, x, target)
+
+
+def _frozen_head_cam(inner: Classifier, x: Tensor, target: Tensor | None) -> Explanation:
+    """Teacher-side autograd GradCAM: the backbone runs without a graph and A is made a leaf, so
+    only the head is differentiated — also when the teacher's parameters are frozen
+    (requires_grad=False, where A would carry no graph at all otherwise)."""
     with torch.no_grad():
         a = inner.features(x)
     with torch.enable_grad():
@@ -144,17 +150,7 @@ def gradcam_autograd(model: nn.Module, x: Tensor, target: Tensor | None, create_
         logits, a = model(x, with_features=True)
         t = _select(logits, target)
         return Explanation(logits, autograd_cam(a, logits, t, True), t)
-    # Teacher: A is made a leaf so the head can be differentiated even when the teacher's
-    # parameters are frozen (requires_grad=False: A would carry no graph at all otherwise).
-    inner = unwrap(model)
-    with torch.no_grad():
-        a = inner.features(x)
-    with torch.enable_grad():
-        a = a.detach().requires_grad_(True)
-        logits = inner.head(a)
-        t = _select(logits, target)
-        maps = autograd_cam(a, logits, t, create_graph=False)
-    return Explanation(logits.detach(), maps.detach(), t)
+    return _frozen_head_cam(unwrap(model), x, target)
 
 
 # ------------------------------------ B-cos --------------------------------------------------

@@ -15,7 +15,6 @@ import datetime as _dt
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from trainables.checkpoint import atomic_write, atomic_write_bytes
 from trainables.data import DataConfig, build_dataset, dataset_info
 from trainables.data.base import family
 from trainables.explainers import explain
@@ -68,27 +68,8 @@ class ModelCard:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_text(path: str, text: str) -> None:
-    def w(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic_write(path, w)
+    atomic_write_bytes(path, text.encode())
 
 
 @torch.no_grad()
@@ -189,7 +170,7 @@ def save_teacher(model: Classifier, arch: str, data: DataConfig, out_dir: str | 
     info = dataset_info(tdata)
     weights = os.path.join(out_dir, WEIGHTS_FILE)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(weights, lambda tmp: torch.save(state, tmp))
+    atomic_write(weights, lambda tmp: torch.save(state, tmp))
     defaults = dict(test_accuracy=None, val_accuracy=None, eval_split="", epochs=0, lr=0.0, batch_size=0,
                     seed=0, train_samples=0, train_seconds=0.0)
     card = ModelCard(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -44,6 +43,7 @@ from torchvision import tv_tensors
 from trainables.data.base import SplitDataset, dataset_info, make_item
 from trainables.data.config import DataConfig
 from trainables.data.transforms import apply_view, identity_view, sample_view
+from trainables.models import file_sha256
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -109,11 +109,7 @@ def roundtrip_maps(maps: Tensor, max_side: int | None) -> Tensor:
 
 
 def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 # ------------------------------------ writer -------------------------------------------------
