@@ -30,23 +30,54 @@ def _load(args) -> SweepSpec:
     return load_spec(args.spec, args.set or [])
 
 
-def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bool = True) -> None:
-    """Checks that need no Ray: data paths, teacher checkpoint, GPUs, tracking server."""
+def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bool = True,
+              address: str | None = None) -> None:
+    """Checks that need no Ray: data paths, teacher checkpoint and cache, GPUs and CPUs of a local
+    instance, tracking server. ``address``: the cluster the command will connect to (None: a local
+    Ray instance, unless RAY_ADDRESS is set)."""
     from orchestrator import tracking
     from trainables.data import dataset_info
 
     t = spec.train
+    r = spec.resources
+    local = not (address or os.environ.get("RAY_ADDRESS"))
     if t.data.root is not None and not os.path.exists(t.data.root):
         raise FileNotFoundError(f"data.root: dataset path does not exist: {t.data.root}")
     dataset_info(t.data)  # validates dataset name, root layout and shots
-    if spec.resources.use_gpu and not os.environ.get("RAY_ADDRESS"):
+    if r.use_gpu and local:
         import torch
 
         if not torch.cuda.is_available():
             raise RuntimeError("resources.use_gpu is true but this machine has no CUDA GPU "
                                "(set resources.use_gpu=false, or submit to a GPU cluster with --address)")
-    if need_teacher and not os.path.isfile(os.path.join(t.teacher.path, "teacher.pt")) and not spec.teacher_training:
+    if local:  # a local instance cannot grow: refuse what can never be scheduled before starting Ray
+        have = r.num_cpus if r.num_cpus is not None else (os.cpu_count() or 1)
+        need = r.workers_per_trial * r.cpus_per_worker + r.driver_cpus
+        if need > have:
+            raise RuntimeError(
+                f"resources: one trial needs {need:g} CPU (workers_per_trial={r.workers_per_trial} × "
+                f"cpus_per_worker={r.cpus_per_worker:g} + driver_cpus={r.driver_cpus:g}) but the local Ray "
+                f"instance has {have:g} (resources.num_cpus); lower resources.workers_per_trial or use --address")
+        if r.use_gpu:
+            import torch
+
+            gpus, need_gpu = torch.cuda.device_count(), r.workers_per_trial * r.gpus_per_worker
+            if need_gpu > gpus:
+                raise RuntimeError(f"resources: one trial needs {need_gpu:g} GPU (workers_per_trial × "
+                                   f"gpus_per_worker) but this machine has {gpus}")
+    teacher_pt = os.path.join(t.teacher.path, "teacher.pt")
+    if need_teacher and not os.path.isfile(teacher_pt) and not spec.teacher_training:
         raise FileNotFoundError(f"teacher.path: no teacher.pt in {t.teacher.path}; run `e2kd teacher {spec.source}`")
+    if (t.teacher.mode == "cached" and os.path.isfile(os.path.join(t.teacher.cache_dir, "manifest.json"))
+            and os.path.isfile(teacher_pt)):
+        # A cache made by another teacher, explainer or data selection would only fail inside the
+        # Train workers: compare its manifest with this spec now.
+        from trainables.data.cache import check_expect, read_manifest
+        from trainables.teacher import read_card
+
+        check_expect(t.teacher.cache_dir, read_manifest(t.teacher.cache_dir), {
+            "teacher_sha256": read_card(t.teacher.path).sha256, "explainer": t.loss.explainer,
+            "fingerprint": dataset_info(t.data).fingerprint})
     tracking.check_reachable(tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri))
 
 
@@ -59,7 +90,8 @@ def ensure_teacher(spec: SweepSpec, force: bool = False):
         _, card = load_teacher(t.teacher.path)
         if card.arch != t.teacher.arch:
             raise ValueError(f"teacher.arch is {t.teacher.arch!r} but {t.teacher.path} holds a {card.arch!r} teacher")
-        print(f"[e2kd] teacher: {t.teacher.path} ({card.arch}, test accuracy {card.test_accuracy:.3f})")
+        acc = "n/a" if card.test_accuracy is None else f"{card.test_accuracy:.3f}"
+        print(f"[e2kd] teacher: {t.teacher.path} ({card.arch}, test accuracy {acc})")
         return card
     tt = spec.teacher_training
     print(f"[e2kd] training teacher {t.teacher.arch} on clean {t.data.name} -> {t.teacher.path}")
@@ -86,7 +118,7 @@ def cmd_sweep(args) -> int:
     from orchestrator.sweep import init_ray, run_sweep
 
     spec = _load(args)
-    preflight(spec, args.tracking_uri)
+    preflight(spec, args.tracking_uri, address=args.address)
     ensure_teacher(spec)
     started = init_ray(args.address, spec.resources.num_cpus)
     try:
@@ -115,7 +147,7 @@ def cmd_compare(args) -> int:
     spec = _load(args)
     spec = dataclasses.replace(spec, name=args.name or f"{spec.name}-compare")
     args.lam = args.lam or sorted({0.0, spec.train.loss.lam})
-    preflight(spec, args.tracking_uri)
+    preflight(spec, args.tracking_uri, address=args.address)
     ensure_teacher(spec)
     started = init_ray(args.address, spec.resources.num_cpus)
     try:
@@ -142,7 +174,7 @@ def cmd_train(args) -> int:
     from trainables.train_loop import train_loop_per_worker
 
     spec = _load(args)
-    preflight(spec, args.tracking_uri)
+    preflight(spec, args.tracking_uri, address=args.address)
     ensure_teacher(spec)
     started = init_ray(args.address, spec.resources.num_cpus)
     try:
@@ -183,7 +215,26 @@ def cmd_train(args) -> int:
 
 def cmd_teacher(args) -> int:
     spec = _load(args)
+    if args.weights:
+        return import_teacher(spec, args.weights)
     ensure_teacher(spec, force=args.force)
+    return 0
+
+
+def import_teacher(spec: SweepSpec, weights: str) -> int:
+    """Turn existing weights (e.g. torchvision's resnet34 checkpoint, or a B-cos release file) into
+    a teacher directory with a model card, without training. The weights are checked against the
+    architecture (a mismatch names the file) and are not evaluated here."""
+    from trainables.data import dataset_info
+    from trainables.models import build_model
+    from trainables.teacher import save_teacher
+
+    t = spec.train
+    num_classes = dataset_info(t.data).num_classes
+    model = build_model(t.teacher.arch, num_classes, weights=weights)
+    card = save_teacher(model, t.teacher.arch, t.data, t.teacher.path,
+                        extra={"imported_from": os.path.abspath(weights)})
+    print(f"[e2kd] teacher {card.arch} imported from {weights} -> {t.teacher.path} (sha256 {card.sha256[:12]}…)")
     return 0
 
 
@@ -211,7 +262,7 @@ def cmd_ui(args) -> int:
     art = tracking.default_artifact_location(uri)
     if art:
         cmd += ["--default-artifact-root", art]
-    print(f"[e2kd] MLflow UI at http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop")
+    print(f"[e2kd] MLflow UI at http://{args.host}:{args.port} (store {tracking.mask_uri(uri)}); Ctrl-C to stop")
     proc = subprocess.Popen(cmd)
     try:
         return proc.wait()
@@ -249,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tracking-uri")
     sp = spec_cmd("teacher", "train the spec's teacher and write its model card", cmd_teacher)
     sp.add_argument("--force", action="store_true", help="retrain even if the teacher exists")
+    sp.add_argument("--weights", help="import these existing weights as the teacher instead of training one")
     sp = spec_cmd("cache", "cache the teacher's logits and explanations (Parquet)", cmd_cache)
     sp.add_argument("--force", action="store_true", help="rebuild even if the cache exists")
     sp = sub.add_parser("report", help="KD baseline vs best e²KD trial, with plots")

@@ -28,7 +28,7 @@ def _is_num(s: str) -> bool:
 def load_sweep(client: MlflowClient, experiment: str, sweep: str | None):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ValueError(f"MLflow experiment {experiment!r} not found in {client.tracking_uri}")
+        raise ValueError(f"MLflow experiment {experiment!r} not found in {tracking.mask_uri(client.tracking_uri)}")
     flt = f"tags.`{tracking.TAG_ROLE}` = 'parent'" + (f" and tags.`{tracking.TAG_SWEEP}` = '{sweep}'" if sweep else "")
     parents = client.search_runs([exp.experiment_id], flt, order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ class ParamSpec:
         if self.type == "choice":
             if not self.values:
                 raise ValueError("a choice entry needs a non-empty 'values' list")
+            bad = [v for v in self.values if v is not None and not isinstance(v, (bool, int, float, str))]
+            if bad:  # Optuna's suggest_categorical takes None/bool/int/float/str only
+                raise ValueError(f"choice 'values' must be numbers, strings, booleans or null, got {bad[0]!r}")
             return
         if self.low is None or self.high is None:
             raise ValueError(f"a {self.type} entry needs 'low' and 'high'")
@@ -77,6 +81,10 @@ class SearchConfig:
             raise ValueError("search.space is empty: give at least one parameter to search (e.g. loss.lam)")
         if self.grace_period < 1 or self.reduction_factor < 2:
             raise ValueError("search.grace_period must be >= 1 and search.reduction_factor >= 2")
+        if self.n_startup_trials < 0:
+            raise ValueError(f"search.n_startup_trials must be >= 0, got {self.n_startup_trials}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range (Optuna's samplers)
+            raise ValueError(f"search.seed must be in [0, 2**32), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,10 @@ class ResourcesConfig:
             raise ValueError(f"resources.workers_per_trial must be >= 1, got {self.workers_per_trial}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.driver_cpus < 0:
             raise ValueError("resources.cpus_per_worker, gpus_per_worker and driver_cpus must be >= 0")
+        for f in ("max_concurrent_trials", "num_cpus"):
+            v = getattr(self, f)
+            if v is not None and v < 1:
+                raise ValueError(f"resources.{f} must be >= 1 (or null), got {v}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,10 @@ class MlflowConfig:
     tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the working dir
     experiment: str = "e2kd"
     artifact_location: str | None = None  # None: ./mlartifacts next to a sqlite store
+
+    def __post_init__(self) -> None:
+        if not self.tracking_uri or not self.experiment:
+            raise ValueError("mlflow.tracking_uri and mlflow.experiment must not be empty")
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,10 @@ class TeacherTrainingConfig:
     lr: float = 2e-3
     batch_size: int = 64
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("teacher_training.epochs and batch_size must be >= 1 and teacher_training.lr > 0")
 
 
 @dataclass(frozen=True)
@@ -129,9 +149,23 @@ class SweepSpec:
     teacher_training: TeacherTrainingConfig = field(default_factory=TeacherTrainingConfig)
     source: str = ""  # the file the spec came from (not a YAML key)
 
+    def __post_init__(self) -> None:
+        # The name becomes a directory under ``storage`` and an MLflow filter value: no path
+        # separators, no quotes.
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"name {self.name!r} must be 1-100 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit")
+        if not self.storage:
+            raise ValueError("storage must not be empty")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= -1 (-1: retry forever), got {self.max_failures}")
+
     def params(self) -> dict[str, Any]:
         """Flat dotted-key view of the trial configuration (for MLflow params)."""
         return flatten(self.train)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class SpecError(ValueError):
@@ -147,6 +181,14 @@ _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _in_section(where: str, msg: str) -> str:
+    """A section's own validation message, prefixed with the section unless it already names a
+    field in it (``loss.lam must be >= 0``, not ``loss: loss.lam must be >= 0``)."""
+    if not where:  # top-level checks name their field themselves
+        return msg
+    return msg if msg.startswith(f"{where}.") or msg.startswith(f"{where}:") else f"{where}: {msg}"
 
 
 def convert(tp: Any, value: Any, where: str) -> Any:
@@ -177,7 +219,7 @@ def convert(tp: Any, value: Any, where: str) -> Any:
             raise SpecError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp) if f.init}
-        unknown = sorted(set(value) - names)
+        unknown = sorted(set(value) - names, key=str)
         if unknown:
             raise SpecError(f"{where + '.' if where else ''}{unknown[0]}: unknown field; known fields here: "
                             f"{', '.join(sorted(names))}")
@@ -187,8 +229,7 @@ def convert(tp: Any, value: Any, where: str) -> Any:
         except SpecError:
             raise
         except (ValueError, TypeError, KeyError) as e:
-            msg = str(e).strip("'\"")
-            raise SpecError(f"{where or 'spec'}: {msg}") from None
+            raise SpecError(_in_section(where, str(e).strip("'\""))) from None
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise SpecError(f"{where}: expected a list, got {value!r}")
@@ -241,7 +282,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise SpecError(f"--set {text!r}: expected dotted.key=value")
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. the date 2024-02-30
         raise SpecError(f"--set {text!r}: value is not valid YAML: {e}") from None
     return key.strip(), value
 
@@ -276,8 +317,10 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSp
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. the date 2024-02-30
         raise SpecError(f"{path}: not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read the spec: {e}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the spec must be a mapping of fields, got {type(data).__name__}")
     try:
@@ -291,7 +334,7 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSp
 
 def spec_from_dict(data: dict, source: str = "", base: str | None = None) -> SweepSpec:
     data = dict(data)
-    unknown = sorted(set(data) - _SWEEP_SECTIONS - _TRAIN_FIELDS)
+    unknown = sorted(set(data) - _SWEEP_SECTIONS - _TRAIN_FIELDS, key=str)
     if unknown:
         raise SpecError(f"{unknown[0]}: unknown field; known top-level fields: "
                         f"{', '.join(sorted(_SWEEP_SECTIONS | _TRAIN_FIELDS))}")
@@ -300,9 +343,12 @@ def spec_from_dict(data: dict, source: str = "", base: str | None = None) -> Swe
     train = {k: data.pop(k) for k in list(data) if k in _TRAIN_FIELDS}
     if base is not None:
         _resolve_paths(train, base)
-    data["train"] = train
+    # The trial fields sit at the top level of the YAML: convert them there, so messages name
+    # ``optim.lr``, not ``train.optim.lr``.
+    train_cfg = convert(TrainConfig, train, "")
+    data["train"] = {}
     spec: SweepSpec = convert(SweepSpec, data, "")
-    spec = dataclasses.replace(spec, source=source)
+    spec = dataclasses.replace(spec, train=train_cfg, source=source)
     check_search_space(spec)
     return spec
 
@@ -325,6 +371,8 @@ def check_search_space(spec: SweepSpec) -> None:
             except (ValueError, TypeError, KeyError) as e:
                 raise SpecError(f"{where}: value {v!r} is invalid: {str(e).strip(chr(39))}") from None
         for cond in (p.when or {}):
+            if cond == key:
+                raise SpecError(f"{where}.when: an entry cannot depend on itself")
             if cond not in spec.search.space:
                 raise SpecError(f"{where}.when: {cond!r} is not a search-space key")
     from trainables.data.base import family
@@ -333,11 +381,13 @@ def check_search_space(spec: SweepSpec) -> None:
     try:
         fam = family(spec.train.data)
     except (ValueError, KeyError) as e:
-        raise SpecError(f"data: {e}") from None
+        raise SpecError(_in_section("data", str(e))) from None
     try:
         splits = spec.train.eval_splits or fam.available_eval_splits(spec.train.data)
     except OSError:  # data not on this machine (a cluster spec): the family's declared splits
         splits = fam.eval_splits
+    except ValueError as e:  # e.g. voc without data.root
+        raise SpecError(_in_section("data", str(e))) from None
     if not any(spec.search.metric.startswith(f"{s}_") for s in (*splits, "train")):
         raise SpecError(f"search.metric: {spec.search.metric!r} is not reported; metrics are <split>_<name> "
                         f"with split in {', '.join(splits)} (e.g. val_agreement, val_acc)")

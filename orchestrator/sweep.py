@@ -26,9 +26,10 @@ from ray.tune.search.optuna import OptunaSearch
 from orchestrator import tracking
 from orchestrator.spec import SweepSpec
 from trainables.config import TrainConfig, flatten, with_overrides
-from trainables.train_loop import train_loop_per_worker
+from trainables.train_loop import NonFiniteLossError, train_loop_per_worker
 
 BASELINE_ATTR = "kd_baseline"
+TAG_NONFINITE = "e2kd.nonfinite"
 
 
 # ------------------------------------ search space ------------------------------------------
@@ -108,8 +109,28 @@ class DriverContext:
     storage_path: str
 
 
+class NonFiniteFailFast(ray.train.UserCallback):
+    """A NaN/Inf loss is deterministic: restarting the workers from the last checkpoint would hit it
+    again. Raising from ``after_exception`` turns the worker error into a controller error, which
+    Train's failure policy does not retry, so the run fails at once instead of using up
+    ``FailureConfig(max_failures)``."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, e in sorted(worker_exceptions.items()):
+            if isinstance(e, NonFiniteLossError):
+                raise NonFiniteLossError(f"worker rank {rank}: {e}")
+
+
+def _nonfinite_cause(e: BaseException) -> NonFiniteLossError | None:
+    """The NonFiniteLossError inside a Train failure (controller or worker error), if any."""
+    causes = [getattr(e, "controller_failure", None), *getattr(e, "worker_failures", {}).values()]
+    return next((c for c in causes if isinstance(c, NonFiniteLossError)), None)
+
+
 def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
     """Tune function trainable: one TorchTrainer per trial, its metrics forwarded to Tune."""
+    from mlflow import MlflowClient
+
     spec = ctx.spec
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(spec.train, config)
@@ -119,6 +140,10 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
         params=tracking.trial_params(flatten(cfg)),
         tags={"student": cfg.student, "explainer": cfg.loss.explainer, "teacher": cfg.teacher.arch,
               "method": "kd" if is_baseline else "e2kd", "seed": str(cfg.seed)})
+    client = MlflowClient(ctx.tracking_uri)
+    earlier = client.get_run(run_id).data.tags.get(TAG_NONFINITE)
+    if earlier:  # Tune's trial-level retry of a deterministic NaN: fail at once, train nothing
+        raise NonFiniteLossError(f"{earlier} (not retried: a non-finite loss is deterministic)")
     r = spec.resources
     worker_res = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
@@ -136,10 +161,18 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
             storage_path=ctx.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures, controller_failure_limit=3),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback(), tracking.MlflowEpochCallback(ctx.tracking_uri, run_id)],
+            callbacks=[TuneReportCallback(), tracking.MlflowEpochCallback(ctx.tracking_uri, run_id),
+                       NonFiniteFailFast()],
         ),
     )
-    trainer.fit()  # raises TrainingFailedError after max_failures: Tune marks the trial ERROR
+    try:
+        trainer.fit()  # raises TrainingFailedError after max_failures: Tune marks the trial ERROR
+    except ray.train.TrainingFailedError as e:
+        cause = _nonfinite_cause(e)
+        if cause is None:
+            raise
+        client.set_tag(run_id, TAG_NONFINITE, str(cause)[:5000])
+        raise NonFiniteLossError(str(cause)) from None
 
 
 # ------------------------------------ running a sweep ---------------------------------------
@@ -233,6 +266,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
     ``grid`` replaces the Optuna search by a fixed grid (see :func:`build_tuner`)."""
     from mlflow import MlflowClient
 
+    check_schedulable(spec)  # before any MLflow run or Tune state: a refused sweep leaves nothing behind
     uri = tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
     client = MlflowClient(uri)
     exp_id = tracking.ensure_experiment(client, spec.mlflow.experiment,
@@ -252,7 +286,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
     else:
         log(f"[e2kd] resuming sweep {spec.name!r}: MLflow parent run {parent}")
         client.set_terminated(parent, status="RUNNING")
-    check_schedulable(spec)
     ctx = DriverContext(spec=spec, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, storage_path=storage)
     callbacks = [tracking.MlflowTrialFinalizer(uri, exp_id, parent)]
     tuner, trainable = build_tuner(spec, ctx, callbacks, grid)
@@ -262,7 +295,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     n_trials = math.prod(len(v) for v in grid.values()) if grid else spec.search.num_trials
     log(f"[e2kd] sweep {spec.name!r}: {n_trials} trials × {spec.resources.workers_per_trial} "
-        f"Ray Train workers, up to {concurrency(spec)} at once; results in {path}; MLflow {uri} "
+        f"Ray Train workers, up to {concurrency(spec)} at once; results in {path}; MLflow {tracking.mask_uri(uri)} "
         f"(experiment {spec.mlflow.experiment!r}, parent run {parent})")
     try:
         grid = tuner.fit()
@@ -291,7 +324,7 @@ def init_ray(address: str | None, num_cpus: int | None, log=print) -> bool:
     # installed package, so nothing to ship. Quiet Ray's own progress output.
     if address:
         ray.init(address=address, log_to_driver=True)
-        log(f"[e2kd] connected to Ray at {address}: {ray.cluster_resources()}")
+        log(f"[e2kd] connected to Ray at {tracking.mask_uri(address)}: {ray.cluster_resources()}")
     else:
         ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
         log(f"[e2kd] started a local Ray instance: {ray.cluster_resources().get('CPU', 0):g} logical CPUs")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -35,13 +36,27 @@ PNG_NAME = "explanations.png"
 MAX_PARAM_LEN = 6000
 
 
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s'\"]+)@")
+
+
+def mask_uri(text: str) -> str:
+    """Hide the credentials of every ``scheme://user:password@host`` in ``text`` (messages, logs,
+    the spec logged to MLflow): ``http://user:***@host``. Prefer MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD (or a token) over credentials in the URI."""
+    def repl(m: re.Match) -> str:
+        user = m.group("userinfo").split(":", 1)[0]
+        return f"{m.group('scheme')}{user}:***@" if ":" in m.group("userinfo") else f"{m.group('scheme')}***@"
+
+    return _URL_CREDENTIALS.sub(repl, text)
+
+
 def resolve_tracking_uri(uri: str, base: str | None = None) -> str:
     """``sqlite:///relative.db`` -> absolute (workers run in other directories); others unchanged."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         path = uri[len("sqlite:///"):]
         return "sqlite:///" + os.path.abspath(os.path.join(base or os.getcwd(), path))
     if uri.startswith("file:") or ("://" not in uri and uri not in ("databricks",)):
-        raise ValueError(f"mlflow.tracking_uri {uri!r}: MLflow's file store is read-only in 3.x; use "
+        raise ValueError(f"mlflow.tracking_uri {mask_uri(uri)!r}: MLflow's file store is read-only in 3.x; use "
                          "sqlite:///path/to/mlflow.db or http://host:5000")
     return uri
 
@@ -63,7 +78,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({e}); start it or pass "
+        raise ConnectionError(f"MLflow tracking server {mask_uri(uri)} is unreachable ({mask_uri(str(e))}); start it or pass "
                               "--tracking-uri sqlite:///mlflow.db") from None
 
 
@@ -77,7 +92,7 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
 
 
 def _param_batch(params: dict[str, Any]) -> list[Param]:
-    return [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+    return [Param(k, mask_uri(str(v))[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -117,7 +132,13 @@ def create_parent(client: MlflowClient, exp_id: str, sweep: str, spec_path: str,
         "mlflow.note.content": f"e²KD sweep from {os.path.basename(spec_path)}", **package_versions()})
     log_params(client, run.info.run_id, params)
     if spec_path and os.path.isfile(spec_path):
-        client.log_artifact(run.info.run_id, spec_path, artifact_path="spec")
+        with open(spec_path) as f:
+            text = f.read()
+        with tempfile.TemporaryDirectory() as d:  # the spec as written, credentials masked
+            copy = os.path.join(d, os.path.basename(spec_path))
+            with open(copy, "w") as f:
+                f.write(mask_uri(text))
+            client.log_artifact(run.info.run_id, copy, artifact_path="spec")
     return run.info.run_id
 
 
