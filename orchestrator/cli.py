@@ -12,6 +12,7 @@ Every spec problem is reported before Ray starts, as one line naming the file an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -113,24 +114,35 @@ def ensure_cache(spec: SweepSpec, force: bool = False) -> None:
                 overwrite=force)
 
 
-def cmd_sweep(args) -> int:
-    from orchestrator import report
-    from orchestrator.sweep import init_ray, run_sweep
+@contextlib.contextmanager
+def ray_session(spec: SweepSpec, args):
+    """What every Ray-running command does first and last: checks that need no Ray, the teacher
+    (trained when missing), Ray (connected or started), the teacher cache; Ray shut down after
+    if this command started it."""
+    from orchestrator.sweep import init_ray
 
-    spec = _load(args)
     preflight(spec, args.tracking_uri, address=args.address)
     ensure_teacher(spec)
     started = init_ray(args.address, spec.resources.num_cpus)
     try:
         ensure_cache(spec)
-        t0 = time.time()
-        run_sweep(spec, resume=args.resume, tracking_uri=args.tracking_uri)
-        print(f"[e2kd] sweep finished in {time.time() - t0:.0f} s")
+        yield
     finally:
         if started:
             import ray
 
             ray.shutdown()
+
+
+def cmd_sweep(args) -> int:
+    from orchestrator import report
+    from orchestrator.sweep import run_sweep
+
+    spec = _load(args)
+    with ray_session(spec, args):
+        t0 = time.time()
+        run_sweep(spec, resume=args.resume, tracking_uri=args.tracking_uri)
+        print(f"[e2kd] sweep finished in {time.time() - t0:.0f} s")
     report.print_report(spec.mlflow.experiment, args.tracking_uri or spec.mlflow.tracking_uri, sweep=spec.name,
                         out_dir=os.path.join(os.path.dirname(os.path.abspath(spec.storage)) if "://" not in spec.storage
                                              else ".", "reports", spec.name))
@@ -142,23 +154,14 @@ def cmd_compare(args) -> int:
     import dataclasses
 
     from orchestrator import report
-    from orchestrator.sweep import init_ray, run_sweep
+    from orchestrator.sweep import run_sweep
 
     spec = _load(args)
     spec = dataclasses.replace(spec, name=args.name or f"{spec.name}-compare")
     args.lam = args.lam or sorted({0.0, spec.train.loss.lam})
-    preflight(spec, args.tracking_uri, address=args.address)
-    ensure_teacher(spec)
-    started = init_ray(args.address, spec.resources.num_cpus)
-    try:
-        ensure_cache(spec)
+    with ray_session(spec, args):
         run_sweep(spec, resume=args.resume, tracking_uri=args.tracking_uri,
                   grid={"seed": args.seeds, "loss.lam": args.lam})
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     report.print_compare(spec.mlflow.experiment, args.tracking_uri or spec.mlflow.tracking_uri, spec.name)
     return 0
 
@@ -169,16 +172,12 @@ def cmd_train(args) -> int:
     from ray.train.torch import TorchTrainer
 
     from orchestrator import tracking
-    from orchestrator.sweep import init_ray, resolve_storage
+    from orchestrator.sweep import resolve_storage, scaling_config
     from trainables.config import flatten
     from trainables.train_loop import train_loop_per_worker
 
     spec = _load(args)
-    preflight(spec, args.tracking_uri, address=args.address)
-    ensure_teacher(spec)
-    started = init_ray(args.address, spec.resources.num_cpus)
-    try:
-        ensure_cache(spec)
+    with ray_session(spec, args):
         uri = tracking.resolve_tracking_uri(args.tracking_uri or spec.mlflow.tracking_uri)
         client = MlflowClient(uri)
         exp_id = tracking.ensure_experiment(client, spec.mlflow.experiment, spec.mlflow.artifact_location
@@ -188,12 +187,8 @@ def cmd_train(args) -> int:
             tracking.TAG_SWEEP: spec.name, tracking.TAG_ROLE: "train", "student": cfg.student,
             "explainer": cfg.loss.explainer, "method": "kd" if cfg.loss.lam == 0 else "e2kd"})
         tracking.log_params(client, run.info.run_id, tracking.trial_params(flatten(cfg)))
-        r = spec.resources
-        res = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
         result = TorchTrainer(
-            train_loop_per_worker, train_loop_config={"cfg": cfg},
-            scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu,
-                                                   resources_per_worker=res),
+            train_loop_per_worker, train_loop_config={"cfg": cfg}, scaling_config=scaling_config(spec),
             run_config=ray.train.RunConfig(
                 name=f"{spec.name}-train", storage_path=resolve_storage(spec.storage),
                 failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
@@ -205,11 +200,6 @@ def cmd_train(args) -> int:
         client.set_terminated(run.info.run_id, "FINISHED")
         print(f"[e2kd] run {run.info.run_id}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in (result.metrics or {}).items() if k.startswith(("val_", "test")) and isinstance(v, float)))
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     return 0
 
 

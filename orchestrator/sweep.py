@@ -127,6 +127,14 @@ def _nonfinite_cause(e: BaseException) -> NonFiniteLossError | None:
     return next((c for c in causes if isinstance(c, NonFiniteLossError)), None)
 
 
+def scaling_config(spec: SweepSpec) -> ray.train.ScalingConfig:
+    """One trial's Ray Train workers, from the spec's resources section."""
+    r = spec.resources
+    worker_res = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    return ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu,
+                                   resources_per_worker=worker_res, placement_strategy=r.placement_strategy)
+
+
 def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
     """Tune function trainable: one TorchTrainer per trial, its metrics forwarded to Tune."""
     from mlflow import MlflowClient
@@ -144,16 +152,10 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
     earlier = client.get_run(run_id).data.tags.get(TAG_NONFINITE)
     if earlier:  # Tune's trial-level retry of a deterministic NaN: fail at once, train nothing
         raise NonFiniteLossError(f"{earlier} (not retried: a non-finite loss is deterministic)")
-    r = spec.resources
-    worker_res = {"CPU": r.cpus_per_worker}
-    if r.use_gpu:
-        worker_res["GPU"] = r.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
-        scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu,
-                                               resources_per_worker=worker_res,
-                                               placement_strategy=r.placement_strategy),
+        scaling_config=scaling_config(spec),
         run_config=ray.train.RunConfig(
             # Deterministic name: a retried trial (or a resumed sweep) resumes its own Train run
             # from the latest checkpoint instead of starting over.

@@ -26,7 +26,7 @@ from typing import Any
 import ray.train
 import ray.tune
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 TAG_SWEEP = "e2kd.sweep"
 TAG_ROLE = "e2kd.role"
