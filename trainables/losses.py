@@ -51,8 +51,11 @@ def cosine_per_sample(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
     The denominator is clamped *before* the square root, so an all-zero map gives cos = 0 with a
     finite (zero) gradient, where F.cosine_similarity's norm would differentiate 0/0.
     """
-    a = _unit_scale(a.flatten(1).float())
-    b = _unit_scale(b.flatten(1).float())
+    # bf16/fp16 maps (autocast) are upcast; float64 stays float64 (tests, metrics on float64 data).
+    a = _unit_scale(a.flatten(1) if a.dtype in (torch.float32, torch.float64) else a.flatten(1).float())
+    b = _unit_scale(b.flatten(1) if b.dtype in (torch.float32, torch.float64) else b.flatten(1).float())
+    if a.dtype != b.dtype:
+        a, b = a.double(), b.double()
     dot = (a * b).sum(dim=1)
     denom = ((a * a).sum(dim=1) * (b * b).sum(dim=1)).clamp_min(eps * eps).sqrt()
     return dot / denom

@@ -130,7 +130,9 @@ class ExplanationSimilarity(Metric):
     def update(self, maps: Tensor, teacher_maps: Tensor) -> None:
         maps = maps.detach()
         teacher_maps = resize_maps(teacher_maps.detach().to(maps.dtype), maps.shape[-2:])
-        cos = cosine_per_sample(maps, teacher_maps)
+        # float64: an evaluation metric, summed across workers, should not depend on how the data
+        # was split into batches (float32 reductions round differently for different shapes).
+        cos = cosine_per_sample(maps.double(), teacher_maps.double())
         self._add(_stack(cos.sum(), torch.tensor(cos.numel(), device=cos.device)))
 
     def compute(self) -> dict[str, float]:
