@@ -73,12 +73,15 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
             and os.path.isfile(teacher_pt)):
         # A cache made by another teacher, explainer or data selection would only fail inside the
         # Train workers: compare its manifest with this spec now.
-        from trainables.data.cache import check_expect, read_manifest
+        from trainables.data.cache import CacheError, check_expect, read_manifest
         from trainables.teacher import read_card
 
-        check_expect(t.teacher.cache_dir, read_manifest(t.teacher.cache_dir), {
-            "teacher_sha256": read_card(t.teacher.path).sha256, "explainer": t.loss.explainer,
-            "fingerprint": dataset_info(t.data).fingerprint})
+        try:
+            check_expect(t.teacher.cache_dir, read_manifest(t.teacher.cache_dir), {
+                "teacher_sha256": read_card(t.teacher.path).sha256, "explainer": t.loss.explainer,
+                "fingerprint": dataset_info(t.data).fingerprint})
+        except CacheError as e:
+            raise CacheError(f"teacher.cache_dir: {e}; rebuild it with `e2kd cache {spec.source} --force`") from None
     tracking.check_reachable(tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri))
 
 

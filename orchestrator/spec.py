@@ -183,6 +183,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _message(e: Exception) -> str:
+    """The text of a validation error (a KeyError's str() is the repr of its message)."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
 def _in_section(where: str, msg: str) -> str:
     """A section's own validation message, prefixed with the section unless it already names a
     field in it (``loss.lam must be >= 0``, not ``loss: loss.lam must be >= 0``)."""
@@ -229,7 +234,7 @@ def convert(tp: Any, value: Any, where: str) -> Any:
         except SpecError:
             raise
         except (ValueError, TypeError, KeyError) as e:
-            raise SpecError(_in_section(where, str(e).strip("'\""))) from None
+            raise SpecError(_in_section(where, _message(e))) from None
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise SpecError(f"{where}: expected a list, got {value!r}")
@@ -369,7 +374,7 @@ def check_search_space(spec: SweepSpec) -> None:
             try:
                 with_overrides(spec.train, {key: v})
             except (ValueError, TypeError, KeyError) as e:
-                raise SpecError(f"{where}: value {v!r} is invalid: {str(e).strip(chr(39))}") from None
+                raise SpecError(f"{where}: value {v!r} is invalid: {_message(e)}") from None
         for cond in (p.when or {}):
             if cond == key:
                 raise SpecError(f"{where}.when: an entry cannot depend on itself")

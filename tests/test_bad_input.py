@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,7 +174,8 @@ CASES = [
          _set("resources.workers_per_trial", 64), expect=("workers_per_trial=64", "resources.num_cpus"),
          stage="preflight"),
     Case("cache-from-another-teacher", "`teacher.mode: cached` with a cache built by another teacher",
-         _use_teacher("teacher-b", mode="cached", cache_dir="cache-a"), expect=("teacher_sha256", "cache-a"),
+         _use_teacher("teacher-b", mode="cached", cache_dir="cache-a"),
+         expect=("teacher.cache_dir", "teacher_sha256", "cache-a", "--force"),
          stage="preflight"),
     Case("teacher-other-architecture", "`teacher.arch: tiny_cnn` but `teacher.path` holds a small_cnn teacher",
          lambda d, a: d["teacher"].update(path=a["teacher-a"], arch="tiny_cnn"),
@@ -247,9 +248,9 @@ def doc_messages() -> dict[str, str]:
         return {}
     out = {}
     for line in open(DOC):
-        m = re.match(r"^\| `([a-z0-9-]+)` \|.*\| `(e2kd: error: .*)` \|$", line.rstrip("\n"))
+        m = re.match(r"^\| `([a-z0-9-]+)` \|.*\| (`+) ?(e2kd: error: .*?) ?\2 \|$", line.rstrip("\n"))
         if m:
-            out[m.group(1)] = m.group(2).replace("\\|", "|")
+            out[m.group(1)] = m.group(3).replace("\\|", "|")
     return out
 
 
@@ -344,18 +345,34 @@ def mutated_specs(draw) -> dict:
             parent[p[-1]] = draw(_values)
         elif op == "del":
             parent.pop(p[-1], None)
-        else:
+        else:  # one or two new keys (two unknown keys of different types must still be reported)
             target = parent[p[-1]] if isinstance(parent.get(p[-1]), dict) else parent
-            target[draw(_keys)] = draw(_values)
+            for key in draw(st.lists(_keys, min_size=1, max_size=2)):
+                target[key] = draw(_values)
     return d
 
 
-FUZZ = settings(max_examples=int(os.environ.get("E2KD_FUZZ_EXAMPLES", "300")), deadline=None, derandomize=True,
+FUZZ = settings(max_examples=int(os.environ.get("E2KD_FUZZ_EXAMPLES", "200")), deadline=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
+
+
+def _with(*edits: tuple[tuple, Any]) -> dict:
+    """quickstart with ``(path, value)`` edits; path items may be any YAML key (None, ints)."""
+    d = copy.deepcopy(QUICKSTART_DICT)
+    for path, value in edits:
+        cur = d
+        for k in path[:-1]:
+            cur = cur[k]
+        cur[path[-1]] = value
+    return d
 
 
 @FUZZ
 @given(mutated_specs())
+@example(_with(((None,), 1), (("zzz",), 2)))  # unknown keys that do not sort together (found by this test)
+@example(_with((("loss", 1), 1), (("loss", None), 2)))
+@example(_with((("data",), {"name": "voc"})))  # a family whose splits need data.root (found by this test)
+@example(_with((("name",), "../x"), (("search", "seed"), -1), (("resources", "num_cpus"), 0)))
 def test_fuzzed_spec_dict_loads_or_raises_spec_error(d):
     from orchestrator.spec import SpecError, SweepSpec, spec_from_dict
 
@@ -417,12 +434,19 @@ def test_fuzzed_overrides_load_or_raise_spec_error(overrides):
 # ------------------------------------ the doc --------------------------------------------------
 
 
+def code(text: str) -> str:
+    """A Markdown code span that may itself hold backticks."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
 def write_doc() -> None:
     """Run every case through the real `e2kd` executable (a subprocess each) and write the doc."""
-    rows = []
+    from concurrent.futures import ThreadPoolExecutor
+
     with tempfile.TemporaryDirectory(prefix="e2kd-bad-") as tmp:
         assets = make_assets(os.path.join(tmp, "assets"))
-        for case in CASES:
+
+        def one(case: Case) -> str:
             work = os.path.join(tmp, case.id)
             os.makedirs(work)
             spec = write_case(case, work, assets)
@@ -433,9 +457,11 @@ def write_doc() -> None:
             msg = normalise(" ".join(lines[start:]), work, assets)
             assert p.returncode == 2, (case.id, p.returncode, p.stderr[-2000:])
             cmd = "e2kd sweep spec.yaml" + "".join(f" {a}" for a in case.argv)
-            rows.append(f"| `{case.id}` | {case.what} | `{cmd}` | {case.stage} | "
-                        f"`{msg.replace('|', chr(92) + '|')}` |")
             print(case.id, msg[:120], flush=True)
+            return f"| `{case.id}` | {case.what} | `{cmd}` | {case.stage} | {code(msg.replace('|', chr(92) + '|'))} |"
+
+        with ThreadPoolExecutor(3) as pool:
+            rows = list(pool.map(one, CASES))
     with open(DOC, "w") as f:
         f.write(DOC_HEAD + "\n".join(rows) + "\n" + DOC_TAIL)
 
