@@ -561,4 +561,5 @@ def test_node_removed_mid_trial_sweep_completes(tmp_path, teacher_dir, monkeypat
     finally:
         ray.shutdown()
         cluster.shutdown()
+        _kill_ours(tmp, pgid=-1)  # anything of this cluster that outlived it (found by its RAY_TMPDIR)
         shutil.rmtree(tmp, ignore_errors=True)
