@@ -175,7 +175,7 @@ def cmd_train(args) -> int:
     from ray.train.torch import TorchTrainer
 
     from orchestrator import tracking
-    from orchestrator.sweep import resolve_storage, scaling_config
+    from orchestrator.sweep import NonFiniteFailFast, nonfinite_cause, resolve_storage, scaling_config
     from trainables.config import flatten
     from trainables.train_loop import train_loop_per_worker
 
@@ -190,14 +190,23 @@ def cmd_train(args) -> int:
             tracking.TAG_SWEEP: spec.name, tracking.TAG_ROLE: "train", "student": cfg.student,
             "explainer": cfg.loss.explainer, "method": "kd" if cfg.loss.lam == 0 else "e2kd"})
         tracking.log_params(client, run.info.run_id, tracking.trial_params(flatten(cfg)))
-        result = TorchTrainer(
+        trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"cfg": cfg}, scaling_config=scaling_config(spec),
             run_config=ray.train.RunConfig(
                 name=f"{spec.name}-train", storage_path=resolve_storage(spec.storage),
                 failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                callbacks=[tracking.MlflowEpochCallback(uri, run.info.run_id)]),
-        ).fit()
+                # A NaN/Inf loss fails at once instead of being retried max_failures times.
+                callbacks=[tracking.MlflowEpochCallback(uri, run.info.run_id), NonFiniteFailFast()]))
+        try:
+            result = trainer.fit()
+        except BaseException as e:  # the run must not stay RUNNING in the UI
+            cause = nonfinite_cause(e) if isinstance(e, ray.train.TrainingFailedError) else None
+            client.set_tag(run.info.run_id, "e2kd.failure", str(cause or e)[:5000] or type(e).__name__)
+            client.set_terminated(run.info.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            if cause is not None:
+                raise RuntimeError(f"run {run.info.run_id} failed: {cause}") from None
+            raise
         if result.checkpoint is not None:
             tracking.log_student(uri, run.info.run_id, result.checkpoint.path)
         client.set_terminated(run.info.run_id, "FINISHED")

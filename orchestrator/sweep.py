@@ -121,7 +121,7 @@ class NonFiniteFailFast(ray.train.UserCallback):
                 raise NonFiniteLossError(f"worker rank {rank}: {e}")
 
 
-def _nonfinite_cause(e: BaseException) -> NonFiniteLossError | None:
+def nonfinite_cause(e: BaseException) -> NonFiniteLossError | None:
     """The NonFiniteLossError inside a Train failure (controller or worker error), if any."""
     causes = [getattr(e, "controller_failure", None), *getattr(e, "worker_failures", {}).values()]
     return next((c for c in causes if isinstance(c, NonFiniteLossError)), None)
@@ -170,7 +170,7 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
     try:
         trainer.fit()  # raises TrainingFailedError after max_failures: Tune marks the trial ERROR
     except ray.train.TrainingFailedError as e:
-        cause = _nonfinite_cause(e)
+        cause = nonfinite_cause(e)
         if cause is None:
             raise
         client.set_tag(run_id, TAG_NONFINITE, str(cause)[:5000])

@@ -20,6 +20,7 @@ torch.set_num_threads(1)
 CASES = [
     ("resnet18", 224, lambda m: m.net.layer4),
     ("small_cnn", 32, lambda m: m.net.body[-1]),
+    ("tiny_mobilenet", 32, lambda m: m.net.body[-1]),  # the laptop experiments' second student
     # general route: the MobileNetV3 head is an MLP (no cam_linear)
     ("mobilenet_v3_small", 96, lambda m: m.net.features[-1]),
 ]

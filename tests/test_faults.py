@@ -331,6 +331,24 @@ class TestOnOneLocalRayInstance:
         assert trial.state == TrialState.FAIL and trial.value is None
 
 
+    def test_train_command_fails_once_on_nonfinite_loss_and_closes_its_run(self, tmp_path, teacher_dir, local_ray,
+                                                                           capsys):
+        from orchestrator import cli
+
+        d = tiny_spec(tmp_path, teacher_dir, "f-train-nan", epochs=3)
+        d["optim"]["lr"] = 1e30
+        path = tmp_path / "nan.yaml"
+        path.write_text(yaml.safe_dump(d))
+        controllers_before = len(actors("TrainController"))
+        assert cli.main(["train", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "non-finite loss" in err and "failed" in err, err
+        assert len(actors("TrainController")) - controllers_before == 1  # not retried (max_failures=1)
+        _, (run,) = mlflow_runs(d["mlflow"]["tracking_uri"], "train")
+        assert run.info.status == "FAILED"  # not left RUNNING in the UI
+        assert "non-finite loss" in run.data.tags["e2kd.failure"]
+
+
     def test_unschedulable_on_a_connected_cluster_is_refused_before_anything_is_written(self, tmp_path, teacher_dir,
                                                                                        local_ray):
         from orchestrator.spec import spec_from_dict

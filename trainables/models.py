@@ -119,6 +119,32 @@ class SmallCNN(_GapLinearHead):
         return self.net.body(x)
 
 
+class TinyMobileNet(_GapLinearHead):
+    """A MobileNetV2-style student for 32x32 inputs, built from torchvision's own InvertedResidual
+    blocks (depthwise-separable convolutions, linear bottlenecks): a second architecture family for
+    the laptop experiments (the paper distils into MobileNet/ShuffleNet students too). GAP+linear
+    head, so GradCAM stays analytic. Feature map: 8x8."""
+
+    def __init__(self, num_classes: int, width: int = 16, in_channels: int = 3):
+        from torchvision.models.mobilenetv2 import InvertedResidual
+        from torchvision.ops.misc import Conv2dNormActivation
+
+        net = nn.Module()
+        net.body = nn.Sequential(
+            Conv2dNormActivation(in_channels, width, 3, 1, activation_layer=nn.ReLU6),
+            InvertedResidual(width, int(1.5 * width), 2, 4),                # 16x16
+            InvertedResidual(int(1.5 * width), int(1.5 * width), 1, 4),
+            InvertedResidual(int(1.5 * width), 3 * width, 2, 4),            # 8x8
+            InvertedResidual(3 * width, 3 * width, 1, 4),
+            Conv2dNormActivation(3 * width, 6 * width, 1, activation_layer=nn.ReLU6),
+        )
+        net.fc = nn.Linear(6 * width, num_classes)
+        super().__init__(net)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.net.body(x)
+
+
 # --------------------------------------------------------------------------------------------
 # B-cos models (package `bcos`): dynamic-linear, explained by W(x) = d logit / d input inside
 # explanation_mode(). Their input is 6 channels [x, 1-x] with x in [0, 1].
@@ -233,6 +259,8 @@ register_model("small_cnn", input_size=32)(lambda num_classes: SmallCNN(num_clas
 # A quarter of small_cnn's compute: the laptop default student (teacher small_cnn -> student tiny_cnn
 # mirrors the paper's larger-teacher -> smaller-student setups).
 register_model("tiny_cnn", input_size=32)(lambda num_classes: SmallCNN(num_classes, width=16))
+# A second student family of similar size (depthwise-separable, residual): the architecture claim.
+register_model("tiny_mobilenet", input_size=32)(lambda num_classes: TinyMobileNet(num_classes))
 register_model("small_bcos_cnn", input_size=32)(lambda num_classes: SmallBcosCNN(num_classes))
 
 
