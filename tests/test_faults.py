@@ -41,17 +41,6 @@ E2KD = os.path.join(os.path.dirname(sys.executable), "e2kd")
 # ------------------------------------ helpers ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    from trainables.data import DataConfig
-    from trainables.teacher import train_teacher
-
-    out = tmp_path_factory.mktemp("teacher")
-    train_teacher("small_cnn", DataConfig(name="digits"), out, epochs=1, batch_size=64, max_train_samples=256,
-                  progress=None)
-    return str(out)
-
-
 def tiny_spec(work, teacher_dir: str, name: str, *, epochs: int = 4, num_trials: int = 1, **resources) -> dict:
     with open(os.path.join(ROOT, "sweeps", "quickstart.yaml")) as f:
         d = yaml.safe_load(f)
@@ -142,6 +131,23 @@ class Watcher(threading.Thread):
                 except Exception as e:  # reported by the test
                     self.info["error"] = repr(e)
             return
+
+
+def sweep_with_fault(spec, act, after_epoch: int = 1):
+    """Run ``spec``'s one-trial sweep while a :class:`Watcher` calls ``act(info)`` once the trial has
+    logged ``after_epoch``; returns (ResultGrid, what the watcher recorded)."""
+    from orchestrator.sweep import experiment_path, run_sweep
+
+    watcher = Watcher(spec.mlflow.tracking_uri, experiment_path(spec, spec.storage), after_epoch=after_epoch,
+                      last_epoch=spec.train.epochs, act=act)
+    watcher.start()
+    try:
+        grid = run_sweep(spec, log=lambda s: None)
+    finally:
+        watcher.done.set()
+        watcher.join(10)
+    print("watcher:", watcher.info)
+    return grid, watcher.info
 
 
 # ------------------------------------ checkpoints and caches (no Ray) ------------------------
@@ -248,7 +254,6 @@ class TestOnOneLocalRayInstance:
 
     def test_worker_killed_mid_trial_resumes_from_checkpoint(self, tmp_path, teacher_dir, local_ray):
         from orchestrator.spec import spec_from_dict
-        from orchestrator.sweep import experiment_path, run_sweep
 
         spec = spec_from_dict(tiny_spec(tmp_path, teacher_dir, "f-worker", epochs=4))
         uri = spec.mlflow.tracking_uri
@@ -258,15 +263,7 @@ class TestOnOneLocalRayInstance:
             info.update(pid=w.pid, actor_id=w.actor_id)
             os.kill(w.pid, signal.SIGKILL)
 
-        watcher = Watcher(uri, experiment_path(spec, spec.storage), after_epoch=1, last_epoch=4, act=kill_the_worker)
-        watcher.start()
-        try:
-            grid = run_sweep(spec, log=lambda s: None)
-        finally:
-            watcher.done.set()
-            watcher.join(10)
-        info = watcher.info
-        print("watcher:", info)
+        grid, info = sweep_with_fault(spec, kill_the_worker)
         assert "pid" in info, f"the worker was not killed mid-trial: {info}"
         assert len(grid) == 1 and not grid.errors, grid.errors
         assert grid[0].metrics["epoch"] == 4
@@ -530,7 +527,6 @@ def test_node_removed_mid_trial_sweep_completes(tmp_path, teacher_dir, monkeypat
     from ray.cluster_utils import Cluster
 
     from orchestrator.spec import spec_from_dict
-    from orchestrator.sweep import experiment_path, run_sweep
 
     tmp = tempfile.mkdtemp(prefix="e2kdn-")
     monkeypatch.setenv("RAY_TMPDIR", tmp)  # this cluster's address file and sessions stay in our directory
@@ -553,16 +549,7 @@ def test_node_removed_mid_trial_sweep_completes(tmp_path, teacher_dir, monkeypat
             info.update(node_id=w.node_id, actor_id=w.actor_id)
             cluster.remove_node(node, allow_graceful=False)
 
-        watcher = Watcher(spec.mlflow.tracking_uri, experiment_path(spec, spec.storage), after_epoch=1, last_epoch=4,
-                          act=remove_the_workers_node)
-        watcher.start()
-        try:
-            grid = run_sweep(spec, log=lambda s: None)
-        finally:
-            watcher.done.set()
-            watcher.join(10)
-        info = watcher.info
-        print("watcher:", info)
+        grid, info = sweep_with_fault(spec, remove_the_workers_node)
         assert "node_id" in info, f"no node was removed mid-trial: {info}"
         assert len(grid) == 1 and not grid.errors, grid.errors
         assert grid[0].metrics["epoch"] == 4

@@ -18,17 +18,6 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    from trainables.data import DataConfig
-    from trainables.teacher import train_teacher
-
-    out = tmp_path_factory.mktemp("teacher")
-    train_teacher("small_cnn", DataConfig(name="digits"), out, epochs=1, batch_size=64, max_train_samples=256,
-                  progress=None)
-    return str(out)
-
-
 def tiny_spec(tmp_path, teacher_dir, **extra) -> dict:
     with open(os.path.join(ROOT, "sweeps", "quickstart.yaml")) as f:
         d = yaml.safe_load(f)

@@ -12,17 +12,9 @@ import torch
 import trainables.train_loop as tl
 from orchestrator.spec import load_spec
 from trainables.checkpoint import load_checkpoint
-from trainables.teacher import build_cache_local, train_teacher
-from trainables.data import DataConfig
+from trainables.teacher import build_cache_local
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    train_teacher("small_cnn", DataConfig(name="digits"), out, epochs=1, max_train_samples=256, progress=None)
-    return str(out)
 
 
 def cfg_for(teacher_dir, *extra):
