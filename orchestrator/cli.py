@@ -5,6 +5,7 @@
     e2kd teacher SPEC                             train the spec's teacher (with a model card)
     e2kd cache SPEC                               frozen teacher logits + explanations (Ray Data)
     e2kd report EXPERIMENT [--sweep NAME]         KD baseline vs best e²KD, plots
+    e2kd report EXPERIMENT --trend SWEEP... --by data.shots   the gain against one setting, plot
     e2kd ui [--tracking-uri URI] [--port 5000]    MLflow UI on 127.0.0.1
 
 Every spec problem is reported before Ray starts, as one line naming the file and the field.
@@ -252,7 +253,10 @@ def cmd_cache(args) -> int:
 def cmd_report(args) -> int:
     from orchestrator import report
 
-    report.print_report(args.experiment, args.tracking_uri, sweep=args.sweep, out_dir=args.out)
+    if args.trend:
+        report.print_trend(args.experiment, args.tracking_uri, args.trend, args.by, tuple(args.metrics), args.out)
+    else:
+        report.print_report(args.experiment, args.tracking_uri, sweep=args.sweep, out_dir=args.out)
     return 0
 
 
@@ -310,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sweep", help="sweep name (default: the experiment's latest sweep)")
     sp.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     sp.add_argument("--out", default=None, help="folder for the PNG plots (default reports/<sweep>)")
+    sp.add_argument("--trend", nargs="+", metavar="SWEEP",
+                    help="compare sweeps (from `e2kd compare`) that differ in one setting: KD vs e²KD against --by")
+    sp.add_argument("--by", default="data.shots", help="the setting the --trend sweeps differ in (a run param)")
+    sp.add_argument("--metrics", nargs="+", default=["test_acc", "test_agreement"], help="metrics for --trend")
     sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     sp.add_argument("--tracking-uri", default="sqlite:///mlflow.db")

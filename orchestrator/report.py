@@ -159,10 +159,8 @@ def print_report(experiment: str, tracking_uri: str, sweep: str | None = None, o
     return text
 
 
-def compare_table(children, metrics: tuple[str, ...] | None = None) -> str:
-    """Markdown table: mean ± std over seeds for each λ, and the per-seed paired difference to KD."""
-    import statistics
-
+def by_lambda_and_seed(children) -> dict[float, dict[int, dict[str, float]]]:
+    """{λ: {seed: final metrics}} over the finished runs of a compare sweep."""
     groups: dict[float, dict[int, dict[str, float]]] = {}
     for r in children:
         if r.info.status != "FINISHED":
@@ -170,20 +168,32 @@ def compare_table(children, metrics: tuple[str, ...] | None = None) -> str:
         lam = float(r.data.params.get("loss.lam", "nan"))
         seed = int(r.data.params.get("seed", "0"))
         groups.setdefault(lam, {})[seed] = r.data.metrics
+    return groups
+
+
+def _mean_sd(vals: list[float]) -> tuple[float, float]:
+    import statistics
+
+    vals = [v for v in vals if v == v]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _fmt(vals: list[float]) -> str:
+    m, sd = _mean_sd(vals)
+    return "–" if m != m else f"{100 * m:.1f} ± {100 * sd:.1f}"
+
+
+def compare_table(children, metrics: tuple[str, ...] | None = None) -> str:
+    """Markdown table: mean ± std over seeds for each λ, and the per-seed paired difference to KD."""
+    groups = by_lambda_and_seed(children)
     if not groups:
         return "(no finished runs)"
     keys = metrics or tuple(sorted({k for g in groups.values() for m in g.values() for k in m
                                     if k.startswith(("test", "val_")) and k.split("_", 1)[-1] in SHOW
                                     or k.endswith(("_acc", "_agreement", "_exp_sim"))
                                     if not k.startswith("train_") and "group_acc_" not in k}))
-
-    def fmt(vals: list[float]) -> str:
-        vals = [v for v in vals if v == v]
-        if not vals:
-            return "–"
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return f"{100 * statistics.mean(vals):.1f} ± {100 * sd:.1f}"
-
     lams = sorted(groups)
     base = groups.get(0.0)
     head = ["metric (%)"] + [("KD (λ=0)" if lam == 0 else f"e²KD λ={lam:g}") for lam in lams]
@@ -191,13 +201,13 @@ def compare_table(children, metrics: tuple[str, ...] | None = None) -> str:
         head += [f"Δ λ={lam:g} − KD (paired)" for lam in lams if lam != 0]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in keys:
-        row = [k] + [fmt([m.get(k, math.nan) for m in groups[lam].values()]) for lam in lams]
+        row = [k] + [_fmt([m.get(k, math.nan) for m in groups[lam].values()]) for lam in lams]
         if base is not None:
             for lam in lams:
                 if lam == 0:
                     continue
                 common = sorted(set(base) & set(groups[lam]))
-                row.append(fmt([groups[lam][s].get(k, math.nan) - base[s].get(k, math.nan) for s in common]))
+                row.append(_fmt([groups[lam][s].get(k, math.nan) - base[s].get(k, math.nan) for s in common]))
         lines.append("| " + " | ".join(row) + " |")
     seeds = sorted({s for g in groups.values() for s in g})
     lines.append(f"\nseeds: {seeds}; {sum(len(g) for g in groups.values())} finished runs")
@@ -216,4 +226,89 @@ def print_compare(experiment: str, tracking_uri: str, sweep: str, out_dir: str |
     with open(path, "w") as f:
         f.write(text + "\n")
     client.log_artifact(parent.info.run_id, path, artifact_path="report")
+    return text
+
+
+def trend(client: MlflowClient, experiment: str, sweeps: list[str], by: str, metrics: tuple[str, ...]) -> list[dict]:
+    """KD vs e²KD across compare sweeps that differ in one setting ``by`` (a run param, e.g.
+    ``data.shots`` or ``student``): one row per sweep and metric, sorted by that setting."""
+    rows = []
+    for sweep in sweeps:
+        _, children = load_sweep(client, experiment, sweep)
+        values = {r.data.params.get(by) for r in children if r.info.status == "FINISHED"}
+        if len(values) != 1 or None in values:
+            raise ValueError(f"sweep {sweep!r}: runs must share one value of {by!r}, found {sorted(map(str, values))}")
+        groups = by_lambda_and_seed(children)
+        lams = [lam for lam in groups if lam != 0]
+        if 0.0 not in groups or len(lams) != 1:
+            raise ValueError(f"sweep {sweep!r}: needs KD (λ=0) runs and runs at one e²KD λ, found λ={sorted(groups)} "
+                             "(make it with `e2kd compare`)")
+        x = values.pop()
+        kd, e2 = groups[0.0], groups[lams[0]]
+        seeds = sorted(set(kd) & set(e2))
+        for m in metrics:
+            rows.append({"sweep": sweep, "x": x, "metric": m,
+                         "lam": lams[0], "seeds": seeds,
+                         "kd": [kd[s].get(m, math.nan) for s in seeds], "e2kd": [e2[s].get(m, math.nan) for s in seeds],
+                         "delta": [e2[s].get(m, math.nan) - kd[s].get(m, math.nan) for s in seeds]})
+    key = (lambda r: (float(r["x"]), r["metric"])) if all(_is_num(r["x"]) for r in rows) else None
+    return sorted(rows, key=key) if key else rows
+
+
+def trend_table(rows: list[dict], by: str) -> str:
+    lines = [f"| {by} | metric (%) | KD (λ=0) | e²KD | Δ e²KD − KD (paired) | seeds | sweep |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['x']} | {r['metric']} | {_fmt(r['kd'])} | {_fmt(r['e2kd'])} (λ={r['lam']:g}) | "
+                     f"{_fmt(r['delta'])} | {len(r['seeds'])} | {r['sweep']} |")
+    return "\n".join(lines)
+
+
+def trend_plot(rows: list[dict], by: str, path: str) -> str:
+    """Per metric: KD and e²KD (mean ± std over seeds) against ``by``, and the paired gain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    numeric = all(_is_num(r["x"]) for r in rows)
+    fig, axes = plt.subplots(2, len(metrics), figsize=(4.2 * len(metrics), 6), squeeze=False, sharex=True)
+    for j, m in enumerate(metrics):
+        rs = [r for r in rows if r["metric"] == m]
+        xs = [float(r["x"]) for r in rs] if numeric else list(range(len(rs)))
+        for key, label, fmt in (("kd", "KD", "o--"), ("e2kd", "e²KD", "s-")):
+            ms = [_mean_sd(r[key]) for r in rs]
+            axes[0][j].errorbar(xs, [100 * a for a, _ in ms], [100 * b for _, b in ms], fmt=fmt, capsize=3, label=label)
+        ds = [_mean_sd(r["delta"]) for r in rs]
+        axes[1][j].errorbar(xs, [100 * a for a, _ in ds], [100 * b for _, b in ds], fmt="s-", color="C2", capsize=3)
+        axes[1][j].axhline(0, color="k", lw=0.8)
+        axes[0][j].set_title(m)
+        axes[0][j].set_ylabel(f"{m} (%)")
+        axes[1][j].set_ylabel("Δ e²KD − KD (points, paired)")
+        axes[1][j].set_xlabel(by)
+        axes[0][j].legend(fontsize=8)
+        if numeric and max(xs) >= 5 * min(xs) > 0:
+            axes[1][j].set_xscale("log")
+        axes[1][j].set_xticks(xs, [str(r["x"]) for r in rs])
+        axes[1][j].minorticks_off()
+    fig.suptitle("mean ± std over seeds")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def print_trend(experiment: str, tracking_uri: str, sweeps: list[str], by: str,
+                metrics: tuple[str, ...] = ("test_acc", "test_agreement"), out_dir: str | None = None) -> str:
+    """``e2kd report EXPERIMENT --trend SWEEP ... --by KEY``: table + plot of the gain against KEY."""
+    client = MlflowClient(tracking.resolve_tracking_uri(tracking_uri))
+    rows = trend(client, experiment, sweeps, by, metrics)
+    text = trend_table(rows, by)
+    print(text)
+    out = out_dir or os.path.join("reports", f"trend-{by}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "trend.md"), "w") as f:
+        f.write(text + "\n")
+    print(f"[e2kd] plot: {trend_plot(rows, by, os.path.join(out, f'gain_vs_{by}.png'))}")
     return text
