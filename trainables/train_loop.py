@@ -298,7 +298,7 @@ def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         student.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sums = {"loss": 0.0, "kd": 0.0, "exp": 0.0, "ce": 0.0}
         n_batches = 0
         for batch in train_loader:
@@ -328,9 +328,11 @@ def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
             n_batches += 1
             for k in sums:
                 sums[k] += float(out[k].detach())
-        train_time = time.perf_counter() - t0
+        train_time, train_cpu = time.perf_counter() - t0, time.process_time() - c0
 
-        metrics = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], "train_time_s": train_time}
+        metrics = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], "train_time_s": train_time,
+                   # CPU seconds of this process (all its threads): robust to other load on a shared machine
+                   "train_cpu_s": train_cpu}
         metrics.update({f"train_{k}": v / max(1, n_batches) for k, v in sums.items()})
         for split, es in eval_sets.items():
             for name, value in evaluate(student, teacher, es, cfg, device, channels_last).items():
