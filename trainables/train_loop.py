@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -404,5 +405,7 @@ def train_loop_per_worker(config: dict) -> None:
                   prepare_model=ray.train.torch.prepare_model,
                   prepare_loader=ray.train.torch.prepare_data_loader,
                   report=report, latest_checkpoint=latest_checkpoint,
-                  log=print if ctx.get_world_rank() == 0 else (lambda s: None))
+                  # A logger, not print: Ray Train patches print() in its workers and, when stdout is
+                  # wrapped, tees it to the raw stream as well, so every line reached the driver twice.
+                  log=logging.getLogger("e2kd").info if ctx.get_world_rank() == 0 else (lambda s: None))
     fit(cfg, hooks)
