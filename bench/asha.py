@@ -12,7 +12,7 @@ Caveat, stated in the output: with a sequential searcher, ASHA changes what TPE 
 trials report fewer epochs), so after the first few trials the two sweeps may propose different
 configurations; the comparison is of the two sweeps as a user runs them, not of identical trials.
 
-    python bench/asha.py                      # sweeps/quickstart.yaml as shipped (~20 min on 2 CPUs)
+    python bench/asha.py --set search.grace_period=4   # quickstart, ASHA from epoch 4 (~20 min on 2 CPUs)
     python bench/asha.py --set search.num_trials=4 --set epochs=8   # a smaller check
 """
 from __future__ import annotations
