@@ -54,18 +54,17 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
                                "(set resources.use_gpu=false, or submit to a GPU cluster with --address)")
     if local:  # a local instance cannot grow: refuse what can never be scheduled before starting Ray
         have = r.num_cpus if r.num_cpus is not None else (os.cpu_count() or 1)
-        need = r.workers_per_trial * r.cpus_per_worker + r.driver_cpus
-        if need > have:
+        if r.cpus_per_trial > have:
             raise RuntimeError(
-                f"resources: one trial needs {need:g} CPU (workers_per_trial={r.workers_per_trial} × "
+                f"resources: one trial needs {r.cpus_per_trial:g} CPU (workers_per_trial={r.workers_per_trial} × "
                 f"cpus_per_worker={r.cpus_per_worker:g} + driver_cpus={r.driver_cpus:g}) but the local Ray "
                 f"instance has {have:g} (resources.num_cpus); lower resources.workers_per_trial or use --address")
         if r.use_gpu:
             import torch
 
-            gpus, need_gpu = torch.cuda.device_count(), r.workers_per_trial * r.gpus_per_worker
-            if need_gpu > gpus:
-                raise RuntimeError(f"resources: one trial needs {need_gpu:g} GPU (workers_per_trial × "
+            gpus = torch.cuda.device_count()
+            if r.gpus_per_trial > gpus:
+                raise RuntimeError(f"resources: one trial needs {r.gpus_per_trial:g} GPU (workers_per_trial × "
                                    f"gpus_per_worker) but this machine has {gpus}")
     teacher_pt = os.path.join(t.teacher.path, "teacher.pt")
     if need_teacher and not os.path.isfile(teacher_pt) and not spec.teacher_training:

@@ -111,6 +111,15 @@ class ResourcesConfig:
             if v is not None and v < 1:
                 raise ValueError(f"resources.{f} must be >= 1 (or null), got {v}")
 
+    @property
+    def cpus_per_trial(self) -> float:
+        """What one trial holds: its Train workers plus the Tune function that drives them."""
+        return self.workers_per_trial * self.cpus_per_worker + self.driver_cpus
+
+    @property
+    def gpus_per_trial(self) -> float:
+        return self.workers_per_trial * self.gpus_per_worker if self.use_gpu else 0.0
+
 
 @dataclass(frozen=True)
 class MlflowConfig:

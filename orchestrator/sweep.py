@@ -188,10 +188,9 @@ def concurrency(spec: SweepSpec) -> int:
     if r.max_concurrent_trials:
         return r.max_concurrent_trials
     total = ray.cluster_resources()
-    per_trial_cpu = r.workers_per_trial * r.cpus_per_worker + r.driver_cpus
-    limits = [math.floor(total.get("CPU", 0) / per_trial_cpu) if per_trial_cpu else 10**6]
+    limits = [math.floor(total.get("CPU", 0) / r.cpus_per_trial) if r.cpus_per_trial else 10**6]
     if r.use_gpu:
-        limits.append(math.floor(total.get("GPU", 0) / (r.workers_per_trial * r.gpus_per_worker)))
+        limits.append(math.floor(total.get("GPU", 0) / r.gpus_per_trial))
     return max(1, min(limits))
 
 
@@ -199,13 +198,12 @@ def check_schedulable(spec: SweepSpec) -> None:
     """Refuse resources that can never be scheduled instead of letting Ray wait forever."""
     r = spec.resources
     total = ray.cluster_resources()
-    need_cpu = r.workers_per_trial * r.cpus_per_worker + r.driver_cpus
     problems = []
-    if r.use_gpu and total.get("GPU", 0) < r.workers_per_trial * r.gpus_per_worker:
+    if r.use_gpu and total.get("GPU", 0) < r.gpus_per_trial:
         problems.append(f"resources.use_gpu: {r.workers_per_trial}×{r.gpus_per_worker} GPU per trial requested, "
                         f"the cluster has {total.get('GPU', 0):g} GPU")
-    if total.get("CPU", 0) < need_cpu:
-        problems.append(f"resources: one trial needs {need_cpu:g} CPU (workers_per_trial × cpus_per_worker + "
+    if total.get("CPU", 0) < r.cpus_per_trial:
+        problems.append(f"resources: one trial needs {r.cpus_per_trial:g} CPU (workers_per_trial × cpus_per_worker + "
                         f"driver_cpus), the cluster has {total.get('CPU', 0):g}")
     if problems and not _autoscaling():
         raise RuntimeError("; ".join(problems))
