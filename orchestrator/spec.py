@@ -87,6 +87,9 @@ class SearchConfig:
             raise ValueError(f"search.seed must be in [0, 2**32), got {self.seed}")
 
 
+DRIVER_RESOURCE_AMOUNT = 0.01  # of resources.driver_resource per trial driver
+
+
 @dataclass(frozen=True)
 class ResourcesConfig:
     workers_per_trial: int = 1
@@ -100,12 +103,25 @@ class ResourcesConfig:
     # How one trial's Train workers are placed (ray.train.ScalingConfig.placement_strategy):
     # STRICT_SPREAD puts every worker on a different node.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Custom Ray resources each Train worker needs besides CPU/GPU, e.g. {"accelerator_type:A10G": 0.01}
+    # or a node type's own resource: trials then run only on nodes that have it.
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    # How long a trial's Train worker group may wait for its nodes (Ray Train's
+    # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default). null: 1800 s where an autoscaler can
+    # add nodes (GPU nodes take 10-20 min to boot), 300 s on a fixed cluster or a local instance.
+    start_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.workers_per_trial < 1:
             raise ValueError(f"resources.workers_per_trial must be >= 1, got {self.workers_per_trial}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.driver_cpus < 0:
             raise ValueError("resources.cpus_per_worker, gpus_per_worker and driver_cpus must be >= 0")
+        if self.start_timeout_s is not None and not self.start_timeout_s > 0:
+            raise ValueError(f"resources.start_timeout_s must be > 0 seconds (or null), got {self.start_timeout_s}")
+        bad = {k: v for k, v in self.worker_resources.items() if k in ("CPU", "GPU") or not v > 0}
+        if bad:
+            raise ValueError(f"resources.worker_resources: {bad}: custom resources need a value > 0; give CPU and GPU "
+                             "with cpus_per_worker / gpus_per_worker")
         for f in ("max_concurrent_trials", "num_cpus"):
             v = getattr(self, f)
             if v is not None and v < 1:
@@ -119,6 +135,14 @@ class ResourcesConfig:
     @property
     def gpus_per_trial(self) -> float:
         return self.workers_per_trial * self.gpus_per_worker if self.use_gpu else 0.0
+
+    def trial_needs(self) -> dict[str, float]:
+        """Every Ray resource one trial holds (its Train workers and its driver), by name."""
+        need = {"CPU": self.cpus_per_trial, "GPU": self.gpus_per_trial,
+                **{k: self.workers_per_trial * v for k, v in self.worker_resources.items()}}
+        if self.driver_resource:
+            need[self.driver_resource] = need.get(self.driver_resource, 0.0) + DRIVER_RESOURCE_AMOUNT
+        return {k: v for k, v in need.items() if v > 0}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator import tracking
-from orchestrator.spec import SweepSpec
+from orchestrator.spec import DRIVER_RESOURCE_AMOUNT, SweepSpec
 from trainables.config import TrainConfig, flatten, with_overrides
 from trainables.train_loop import NonFiniteLossError, train_loop_per_worker
 
@@ -107,6 +107,8 @@ class DriverContext:
     experiment_id: str
     parent_run_id: str
     storage_path: str
+    start_timeout_s: float = 300.0  # the trial's Train worker group start timeout (see start_timeout_s())
+    max_concurrent: int = 1  # trials at once (see concurrency())
 
 
 class NonFiniteFailFast(ray.train.UserCallback):
@@ -127,10 +129,28 @@ def nonfinite_cause(e: BaseException) -> NonFiniteLossError | None:
     return next((c for c in causes if isinstance(c, NonFiniteLossError)), None)
 
 
+def train_failure_config(spec: SweepSpec) -> ray.train.FailureConfig:
+    """Worker errors restart from the last checkpoint up to ``max_failures`` times. Spot
+    preemptions (a node drained by the cloud) are counted apart by Ray Train's preemption watcher
+    and retried without limit, so they never use up ``max_failures``. Controller errors (a worker
+    group that did not start within the start timeout) are retried 3 times."""
+    return ray.train.FailureConfig(max_failures=spec.max_failures, controller_failure_limit=3,
+                                   max_preemption_failures=-1)
+
+
+def set_start_timeout(seconds: float) -> None:
+    """Ray Train reads the worker-group start timeout from the environment of the process that
+    calls ``fit()`` and passes it on to its controller and workers (``get_env_vars_to_propagate``),
+    so setting it here reaches every process of the run; nothing has to be exported by hand."""
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = f"{seconds:g}"
+
+
 def scaling_config(spec: SweepSpec) -> ray.train.ScalingConfig:
     """One trial's Ray Train workers, from the spec's resources section."""
     r = spec.resources
-    worker_res = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    worker_res = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {}), **r.worker_resources}
     return ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu,
                                    resources_per_worker=worker_res, placement_strategy=r.placement_strategy)
 
@@ -152,6 +172,7 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
     earlier = client.get_run(run_id).data.tags.get(TAG_NONFINITE)
     if earlier:  # Tune's trial-level retry of a deterministic NaN: fail at once, train nothing
         raise NonFiniteLossError(f"{earlier} (not retried: a non-finite loss is deterministic)")
+    set_start_timeout(ctx.start_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
@@ -161,7 +182,7 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
             # from the latest checkpoint instead of starting over.
             name=f"{spec.name}-train-{trial_id}",
             storage_path=ctx.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures, controller_failure_limit=3),
+            failure_config=train_failure_config(spec),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback(), tracking.MlflowEpochCallback(ctx.tracking_uri, run_id),
                        NonFiniteFailFast()],
@@ -180,38 +201,65 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
 # ------------------------------------ running a sweep ---------------------------------------
 
 
-def concurrency(spec: SweepSpec) -> int:
-    """How many trials fit at once: the limiting resource / one trial's need (ray-notes §1.4).
-    Tune does not know about the Train placement groups, so without this limit surplus trials
-    would start and wait forever for workers."""
+@dataclass(frozen=True)
+class Capacity:
+    """What the cluster can have. ``autoscaling``: read from the autoscaler's node types and
+    ``max_workers`` (nodes may not be up yet); otherwise what is up now (a fixed cluster, a
+    local instance)."""
+
+    resources: dict[str, float]
+    autoscaling: bool
+
+
+def cluster_capacity() -> Capacity:
+    """The autoscaler's view when there is one, as Ray Train V2 reads it for its own feasibility
+    check (``get_max_resources_from_cluster_config``, a private API: Ray offers no public one), else
+    ``ray.cluster_resources()``. On an autoscaling cluster with ``min_workers: 0`` the current
+    resources are the head alone, so a sweep judged by them would be refused or serialised."""
+    from ray._private.state import state
+
+    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:  # no GCS cluster config (older clusters, a client connection): fixed view
+        most = None
+    if not most:
+        return Capacity(now, autoscaling=False)
+    # The node types may exclude the head (max_workers 0): what is up now counts too.
+    keys = set(now) | set(most)
+    return Capacity({k: max(now.get(k, 0.0), float(most.get(k, 0))) for k in keys}, autoscaling=True)
+
+
+def concurrency(spec: SweepSpec, capacity: Capacity | None = None) -> int:
+    """How many trials fit at once: for each resource a trial holds, what the cluster can have /
+    one trial's need (ray-notes §1.4). Tune does not know about the Train placement groups, so
+    without this limit surplus trials would start and wait for workers that never come."""
     r = spec.resources
     if r.max_concurrent_trials:
         return r.max_concurrent_trials
-    total = ray.cluster_resources()
-    limits = [math.floor(total.get("CPU", 0) / r.cpus_per_trial) if r.cpus_per_trial else 10**6]
-    if r.use_gpu:
-        limits.append(math.floor(total.get("GPU", 0) / r.gpus_per_trial))
-    return max(1, min(limits))
+    have = (capacity or cluster_capacity()).resources
+    return max(1, min(math.floor(have.get(k, 0.0) / need + 1e-9) for k, need in r.trial_needs().items()))
 
 
-def check_schedulable(spec: SweepSpec) -> None:
-    """Refuse resources that can never be scheduled instead of letting Ray wait forever."""
-    r = spec.resources
-    total = ray.cluster_resources()
-    problems = []
-    if r.use_gpu and total.get("GPU", 0) < r.gpus_per_trial:
-        problems.append(f"resources.use_gpu: {r.workers_per_trial}×{r.gpus_per_worker} GPU per trial requested, "
-                        f"the cluster has {total.get('GPU', 0):g} GPU")
-    if total.get("CPU", 0) < r.cpus_per_trial:
-        problems.append(f"resources: one trial needs {r.cpus_per_trial:g} CPU (workers_per_trial × cpus_per_worker + "
-                        f"driver_cpus), the cluster has {total.get('CPU', 0):g}")
-    if problems and not _autoscaling():
-        raise RuntimeError("; ".join(problems))
+def check_schedulable(spec: SweepSpec, capacity: Capacity | None = None) -> Capacity:
+    """Refuse a trial that can never be scheduled (not even once the autoscaler has started every
+    node it may) instead of letting Ray wait forever. Returns the capacity it judged by."""
+    cap = capacity or cluster_capacity()
+    short = {k: (need, cap.resources.get(k, 0.0)) for k, need in spec.resources.trial_needs().items()
+             if cap.resources.get(k, 0.0) + 1e-9 < need}
+    if short:
+        where = "the autoscaler's node types can provide at most" if cap.autoscaling else "the cluster has"
+        raise RuntimeError("resources: one trial needs " + ", ".join(
+            f"{need:g} {k} ({where} {have:g})" for k, (need, have) in sorted(short.items()))
+            + " (workers_per_trial × cpus_per_worker/gpus_per_worker/worker_resources + driver_cpus)")
+    return cap
 
 
-def _autoscaling() -> bool:
-    """A launcher-managed cluster can add nodes on demand; a fixed/local one cannot."""
-    return bool(os.environ.get("E2KD_AUTOSCALING"))
+def start_timeout_s(spec: SweepSpec, capacity: Capacity) -> float:
+    """resources.start_timeout_s, or its default: generous where nodes boot on demand."""
+    if spec.resources.start_timeout_s is not None:
+        return spec.resources.start_timeout_s
+    return 1800.0 if capacity.autoscaling else 300.0
 
 
 def experiment_path(spec: SweepSpec, storage: str) -> str:
@@ -234,18 +282,18 @@ def build_tuner(spec: SweepSpec, ctx: DriverContext, callbacks: list, grid: dict
     s = spec.search
     driver_res: dict[str, float] = {"CPU": spec.resources.driver_cpus}
     if spec.resources.driver_resource:
-        driver_res[spec.resources.driver_resource] = 0.01
+        driver_res[spec.resources.driver_resource] = DRIVER_RESOURCE_AMOUNT
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, ctx=ctx), driver_res)
     if grid is None:
         tune_config = ray.tune.TuneConfig(
-            search_alg=build_searcher(spec), num_samples=s.num_trials, max_concurrent_trials=concurrency(spec),
+            search_alg=build_searcher(spec), num_samples=s.num_trials, max_concurrent_trials=ctx.max_concurrent,
             scheduler=(ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.train.epochs,
                                      grace_period=min(s.grace_period, spec.train.epochs),
                                      reduction_factor=s.reduction_factor)
                        if s.scheduler == "asha" else FIFOScheduler()))
         param_space = None
     else:
-        tune_config = ray.tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency(spec))
+        tune_config = ray.tune.TuneConfig(num_samples=1, max_concurrent_trials=ctx.max_concurrent)
         param_space = {k: ray.tune.grid_search(list(v)) for k, v in grid.items()}
     return ray.tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config,
@@ -266,7 +314,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
     ``grid`` replaces the Optuna search by a fixed grid (see :func:`build_tuner`)."""
     from mlflow import MlflowClient
 
-    check_schedulable(spec)  # before any MLflow run or Tune state: a refused sweep leaves nothing behind
+    cap = check_schedulable(spec)  # before any MLflow run or Tune state: a refused sweep leaves nothing behind
     uri = tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
     client = MlflowClient(uri)
     exp_id = tracking.ensure_experiment(client, spec.mlflow.experiment,
@@ -286,7 +334,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
     else:
         log(f"[e2kd] resuming sweep {spec.name!r}: MLflow parent run {parent}")
         client.set_terminated(parent, status="RUNNING")
-    ctx = DriverContext(spec=spec, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, storage_path=storage)
+    ctx = DriverContext(spec=spec, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, storage_path=storage,
+                        start_timeout_s=start_timeout_s(spec, cap), max_concurrent=concurrency(spec, cap))
     callbacks = [tracking.MlflowTrialFinalizer(uri, exp_id, parent)]
     tuner, trainable = build_tuner(spec, ctx, callbacks, grid)
     if resume and can_restore:
@@ -295,7 +344,9 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     n_trials = math.prod(len(v) for v in grid.values()) if grid else spec.search.num_trials
     log(f"[e2kd] sweep {spec.name!r}: {n_trials} trials × {spec.resources.workers_per_trial} "
-        f"Ray Train workers, up to {concurrency(spec)} at once; results in {path}; MLflow {tracking.mask_uri(uri)} "
+        f"Ray Train workers, up to {ctx.max_concurrent} at once "
+        f"({'autoscaling: node types × max_workers' if cap.autoscaling else 'current cluster'}; worker start "
+        f"timeout {ctx.start_timeout_s:g} s); results in {path}; MLflow {tracking.mask_uri(uri)} "
         f"(experiment {spec.mlflow.experiment!r}, parent run {parent})")
     try:
         grid = tuner.fit()
