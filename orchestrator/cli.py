@@ -175,12 +175,14 @@ def cmd_train(args) -> int:
     from ray.train.torch import TorchTrainer
 
     from orchestrator import tracking
-    from orchestrator.sweep import NonFiniteFailFast, nonfinite_cause, resolve_storage, scaling_config
+    from orchestrator.sweep import (NonFiniteFailFast, check_schedulable, nonfinite_cause, resolve_storage,
+                                    scaling_config, set_start_timeout, start_timeout_s, train_failure_config)
     from trainables.config import flatten
     from trainables.train_loop import train_loop_per_worker
 
     spec = _load(args)
     with ray_session(spec, args):
+        cap = check_schedulable(spec)
         uri = tracking.resolve_tracking_uri(args.tracking_uri or spec.mlflow.tracking_uri)
         client = MlflowClient(uri)
         exp_id = tracking.ensure_experiment(client, spec.mlflow.experiment, spec.mlflow.artifact_location
@@ -188,29 +190,52 @@ def cmd_train(args) -> int:
         cfg = spec.train
         run = client.create_run(exp_id, run_name=f"train-{spec.name}", tags={
             tracking.TAG_SWEEP: spec.name, tracking.TAG_ROLE: "train", "student": cfg.student,
-            "explainer": cfg.loss.explainer, "method": "kd" if cfg.loss.lam == 0 else "e2kd"})
-        tracking.log_params(client, run.info.run_id, tracking.trial_params(flatten(cfg)))
+            "explainer": cfg.loss.explainer, "method": "kd" if cfg.loss.lam == 0 else "e2kd",
+            "mlflow.source.git.commit": tracking.git_commit()})
+        run_id = run.info.run_id
+        tracking.log_params(client, run_id, tracking.trial_params(flatten(cfg)))
+        storage = resolve_storage(spec.storage)
+        # One Train run per invocation, named after its MLflow run: a second `e2kd train` (say with
+        # other --set values) starts its own run instead of resuming the previous one's checkpoint.
+        name = f"{spec.name}-train-{run_id}"
+        outbox = tracking.Outbox(tracking.outbox_uri(storage, name))
+        set_start_timeout(start_timeout_s(spec, cap))
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"cfg": cfg}, scaling_config=scaling_config(spec),
             run_config=ray.train.RunConfig(
-                name=f"{spec.name}-train", storage_path=resolve_storage(spec.storage),
-                failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+                name=name, storage_path=storage, failure_config=train_failure_config(spec),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 # A NaN/Inf loss fails at once instead of being retried max_failures times.
-                callbacks=[tracking.MlflowEpochCallback(uri, run.info.run_id), NonFiniteFailFast()]))
+                callbacks=[tracking.MlflowEpochCallback(uri, run_id, outbox.uri), NonFiniteFailFast()]))
+
+        def close(status: str, **tags: str) -> None:  # the run must not stay RUNNING in the UI
+            def send() -> None:
+                outbox.drain(client)
+                for k, v in tags.items():
+                    client.set_tag(run_id, k, v)
+                client.set_terminated(run_id, status)
+            tracking.retry(send, "closing the run", spec.mlflow.retry_s)
+
         try:
             result = trainer.fit()
-        except BaseException as e:  # the run must not stay RUNNING in the UI
+        except BaseException as e:
             cause = nonfinite_cause(e) if isinstance(e, ray.train.TrainingFailedError) else None
-            client.set_tag(run.info.run_id, "e2kd.failure", str(cause or e)[:5000] or type(e).__name__)
-            client.set_terminated(run.info.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
+                  **{"e2kd.failure": tracking.mask_uri(str(cause or e))[:5000] or type(e).__name__})
             if cause is not None:
-                raise RuntimeError(f"run {run.info.run_id} failed: {cause}") from None
+                raise RuntimeError(f"run {run_id} failed: {cause}") from None
             raise
-        if result.checkpoint is not None:
-            tracking.log_student(uri, run.info.run_id, result.checkpoint.path)
-        client.set_terminated(run.info.run_id, "FINISHED")
-        print(f"[e2kd] run {run.info.run_id}: " + ", ".join(
+        try:
+            if result.checkpoint is None:
+                raise FileNotFoundError("training reported no checkpoint")
+            tracking.retry(lambda: tracking.log_student(uri, run_id, result.checkpoint), "logging the student",
+                           spec.mlflow.retry_s)
+        except Exception as e:  # never FINISHED without its model
+            close("FAILED", **{"e2kd.model_log_error": tracking.mask_uri(str(e))[:5000]})
+            raise RuntimeError(f"run {run_id}: the student could not be logged to MLflow: "
+                               f"{tracking.mask_uri(str(e))[:500]}") from None
+        close("FINISHED")
+        print(f"[e2kd] run {run_id}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in (result.metrics or {}).items() if k.startswith(("val_", "test")) and isinstance(v, float)))
     return 0
 

@@ -150,10 +150,16 @@ class MlflowConfig:
     tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the working dir
     experiment: str = "e2kd"
     artifact_location: str | None = None  # None: ./mlartifacts next to a sqlite store
+    # How long a trial (at its start and end) and the sweep wait for a tracking server that stopped
+    # answering. Per-epoch records never wait: they are buffered in the trial's storage and sent
+    # when the server is back.
+    retry_s: float = 900.0
 
     def __post_init__(self) -> None:
         if not self.tracking_uri or not self.experiment:
             raise ValueError("mlflow.tracking_uri and mlflow.experiment must not be empty")
+        if not self.retry_s >= 0:
+            raise ValueError(f"mlflow.retry_s must be >= 0 seconds, got {self.retry_s}")
 
 
 @dataclass(frozen=True)

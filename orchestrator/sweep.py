@@ -163,28 +163,28 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(spec.train, config)
     is_baseline = cfg.loss.lam == 0
-    run_id = tracking.get_or_create_child(
+    wait = spec.mlflow.retry_s
+    run_id = tracking.retry(lambda: tracking.get_or_create_child(
         ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, spec.name, trial_id,
         params=tracking.trial_params(flatten(cfg)),
         tags={"student": cfg.student, "explainer": cfg.loss.explainer, "teacher": cfg.teacher.arch,
-              "method": "kd" if is_baseline else "e2kd", "seed": str(cfg.seed)})
+              "method": "kd" if is_baseline else "e2kd", "seed": str(cfg.seed)}), "creating the trial's run", wait)
     client = MlflowClient(ctx.tracking_uri)
-    earlier = client.get_run(run_id).data.tags.get(TAG_NONFINITE)
+    earlier = tracking.retry(lambda: client.get_run(run_id).data.tags.get(TAG_NONFINITE), "reading the trial's run", wait)
     if earlier:  # Tune's trial-level retry of a deterministic NaN: fail at once, train nothing
         raise NonFiniteLossError(f"{earlier} (not retried: a non-finite loss is deterministic)")
+    name = tracking.train_run_name(spec.name, trial_id)
+    outbox = tracking.Outbox(tracking.outbox_uri(ctx.storage_path, name))
     set_start_timeout(ctx.start_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
         scaling_config=scaling_config(spec),
         run_config=ray.train.RunConfig(
-            # Deterministic name: a retried trial (or a resumed sweep) resumes its own Train run
-            # from the latest checkpoint instead of starting over.
-            name=f"{spec.name}-train-{trial_id}",
-            storage_path=ctx.storage_path,
+            name=name, storage_path=ctx.storage_path,
             failure_config=train_failure_config(spec),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback(), tracking.MlflowEpochCallback(ctx.tracking_uri, run_id),
+            callbacks=[TuneReportCallback(), tracking.MlflowEpochCallback(ctx.tracking_uri, run_id, outbox.uri),
                        NonFiniteFailFast()],
         ),
     )
@@ -194,8 +194,15 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
         cause = nonfinite_cause(e)
         if cause is None:
             raise
-        client.set_tag(run_id, TAG_NONFINITE, str(cause)[:5000])
+        outbox.put(run_id, tags={TAG_NONFINITE: str(cause)[:5000]})
         raise NonFiniteLossError(str(cause)) from None
+    finally:
+        # What the controller could not send yet (server down, or its sender thread cut off when the
+        # controller exited); the sweep's finaliser tries again if this gives up.
+        try:
+            tracking.retry(lambda: outbox.drain(client), "sending buffered epoch records", wait)
+        except Exception:
+            pass
 
 
 # ------------------------------------ running a sweep ---------------------------------------
@@ -336,8 +343,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         client.set_terminated(parent, status="RUNNING")
     ctx = DriverContext(spec=spec, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, storage_path=storage,
                         start_timeout_s=start_timeout_s(spec, cap), max_concurrent=concurrency(spec, cap))
-    callbacks = [tracking.MlflowTrialFinalizer(uri, exp_id, parent)]
-    tuner, trainable = build_tuner(spec, ctx, callbacks, grid)
+    finalizer = tracking.MlflowTrialFinalizer(uri, exp_id, parent, storage, spec.name, spec.mlflow.retry_s, log)
+    tuner, trainable = build_tuner(spec, ctx, [finalizer], grid)
     if resume and can_restore:
         # Finished trials are restored, not rerun; the searcher (with its Optuna study, including
         # the KD baseline) is unpickled from the experiment state.
@@ -354,6 +361,14 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         log(f"[e2kd] interrupted: resume with `e2kd sweep {spec.source} --resume`")
         client.set_terminated(parent, status="KILLED")
         raise
+    # Child runs the finaliser could not close (MLflow down at the time), also those of an earlier
+    # run of a resumed sweep: their trials are over, so finish them now.
+    unsent = finalizer.finalize_leftovers(grid)
+    if unsent:
+        log(f"[e2kd] MLflow {tracking.mask_uri(uri)} did not answer for {spec.mlflow.retry_s:g} s: {len(unsent)} trial "
+            f"run(s) not finalised ({', '.join(unsent)}); their records stay in {storage}; run "
+            f"`e2kd sweep {spec.source or 'SPEC'} --resume` when the server is back to send them")
+        return grid
     finished = grid.num_terminated + grid.num_errors
     if finished < n_trials and not grid.errors:
         # Tune catches the first Ctrl-C itself, saves the experiment and returns early.

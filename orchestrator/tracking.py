@@ -11,6 +11,11 @@ Where logging happens:
   ``UserCallback`` that runs in the Train controller (no rank logic needed);
 - the final student and the run status: :class:`MlflowTrialFinalizer`, a Tune callback in the
   sweep process, which also sees trials that ASHA stopped early.
+
+A tracking server that stops answering (a restart, a network blip) must not fail a trial or lose
+what it logged: every per-epoch write goes through an :class:`Outbox` in the trial's own storage
+(local or ``s3://…``), which a background sender empties once the server answers again; trial
+start and end wait for the server up to ``mlflow.retry_s``.
 """
 from __future__ import annotations
 
@@ -19,9 +24,12 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 import ray.train
 import ray.tune
@@ -102,6 +110,10 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
 
 
 def git_commit() -> str:
+    """The commit the sweep runs: ``E2KD_GIT_COMMIT`` when set (a cluster's copy of the project has
+    no .git: pass it from the submitting machine, docs/cluster.md), else ``git rev-parse HEAD``."""
+    if os.environ.get("E2KD_GIT_COMMIT"):
+        return os.environ["E2KD_GIT_COMMIT"].strip()[:64]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
@@ -164,88 +176,312 @@ def get_or_create_child(uri: str, exp_id: str, parent_id: str, sweep: str, trial
     return run.info.run_id
 
 
+# ------------------------------------ outages: retry and outbox --------------------------------
+
+T = TypeVar("T")
+DEFAULT_RETRY_S = 900.0
+
+
+def retry(fn: Callable[[], T], what: str, budget_s: float, log: Callable[[str], None] = print) -> T:
+    """``fn()`` until it succeeds or ``budget_s`` has passed (backoff 1 s doubling to 30 s); the
+    last error is raised after that. Only transient errors are retried (the tracking server or the
+    storage not answering); anything else is raised at once. MLflow's own HTTP retries (about
+    4 minutes for a refused connection) happen inside each call; this loop is for longer outages."""
+    deadline, wait, said = time.monotonic() + budget_s, 1.0, False
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not _transient(e) or time.monotonic() + wait > deadline:
+                raise
+            if not said:
+                log(f"[e2kd] {what}: MLflow not reachable ({mask_uri(str(e))[:200]}); retrying for up to "
+                    f"{budget_s:.0f} s")
+                said = True
+            time.sleep(wait)
+            wait = min(30.0, wait * 2)
+
+
+def _filesystem(uri: str):
+    """(pyarrow filesystem, path) for a local path or a URI (s3://…: ``FileSystem.from_uri`` reads
+    AWS_ENDPOINT_URL for custom endpoints, a bare S3FileSystem() would not)."""
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def storage_filesystem(storage: str):
+    """The filesystem of a sweep's ``storage``: Ray Train checkpoint paths reported to Tune carry no
+    scheme (``bucket/prefix/...`` on S3), so they are only meaningful together with it."""
+    return _filesystem(storage)[0]
+
+
+class Outbox:
+    """A durable, ordered queue of one run's MLflow writes, kept in the run's storage.
+
+    ``put`` writes the payload files first and the record (``<time>-<id>.json``) last, under a
+    temporary name renamed into place, so a reader never sees a partial record. ``drain`` sends the
+    records oldest first and deletes each once MLflow has it, stopping at the first error. Sending
+    a record twice (a crash between send and delete) changes nothing: MLflow drops a metric equal
+    in key, value, timestamp and step, and an artifact overwrites its own path."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+
+    def put(self, run_id: str, metrics: list[Metric] = (), artifacts: dict[str, bytes] | None = None,
+            tags: dict[str, str] | None = None) -> None:
+        fs, root = _filesystem(self.uri)
+        fs.create_dir(root, recursive=True)
+        stem = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        files = {}
+        for name, data in (artifacts or {}).items():
+            files[name] = f"{stem}.{name}"
+            with fs.open_output_stream(f"{root}/{files[name]}") as f:
+                f.write(data)
+        record = {"run_id": run_id, "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
+                  "artifacts": files, "tags": tags or {}}
+        tmp = f"{root}/.{stem}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(record).encode())
+        fs.move(tmp, f"{root}/{stem}.json")
+
+    def pending(self) -> list[str]:
+        import pyarrow.fs as pafs
+
+        fs, root = _filesystem(self.uri)
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")
+                      and not i.base_name.startswith("."))
+
+    def drain(self, client: MlflowClient) -> int:
+        """Send every pending record; returns how many were sent. Raises on the first MLflow error
+        (what is left stays for the next drain)."""
+        fs, root = _filesystem(self.uri)
+        sent = 0
+        for path in self.pending():
+            with fs.open_input_stream(path) as f:
+                rec = json.loads(f.read())
+            run_id = rec["run_id"]
+            if rec["metrics"]:
+                client.log_batch(run_id, metrics=[Metric(k, float(v), int(ts), int(step))
+                                                  for k, v, ts, step in rec["metrics"]])
+            for name, blob in rec["artifacts"].items():
+                with tempfile.TemporaryDirectory() as d:
+                    local = os.path.join(d, name)  # the artifact keeps its own name, not the blob's
+                    with fs.open_input_stream(f"{root}/{blob}") as src, open(local, "wb") as dst:
+                        dst.write(src.read())
+                    client.log_artifact(run_id, local)
+            for k, v in rec["tags"].items():
+                client.set_tag(run_id, k, v)
+            for blob in rec["artifacts"].values():
+                _delete(fs, f"{root}/{blob}")
+            _delete(fs, path)
+            sent += 1
+        return sent
+
+
+def _delete(fs, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:  # another drainer (the trial driver, the sweep) got there first
+        pass
+
+
+def outbox_uri(storage: str, train_run_name: str) -> str:
+    """Next to the Train run's checkpoints: reachable from the Train controller, the trial driver and
+    the sweep process on any node (storage is shared: S3 or a shared mount)."""
+    return f"{storage.rstrip('/')}/{train_run_name}/e2kd-mlflow-outbox"
+
+
 class MlflowEpochCallback(ray.train.UserCallback):
-    """Runs in the Ray Train controller: logs each epoch's rank-0 metrics and the explanation PNG.
+    """Runs in the Ray Train controller: each epoch's rank-0 metrics and the explanation PNG go into
+    the run's :class:`Outbox`, and a background thread sends them. The training loop never waits
+    for MLflow, and an exception here would become a controller error that Train does not retry,
+    so nothing in this callback raises for an MLflow problem.
 
-    The client is created lazily because the callback is pickled to the controller actor."""
+    Only ``explanations.png`` is read from the checkpoint (through the checkpoint's own filesystem),
+    not the whole checkpoint. The thread and client are created lazily because the callback is
+    pickled to the controller actor."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, outbox: str):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self._client: MlflowClient | None = None
+        self.outbox = outbox
+        self._wake: threading.Event | None = None
+
+    def _kick(self) -> None:
+        if self._wake is None:
+            self._wake = threading.Event()
+            threading.Thread(target=self._send_forever, name="e2kd-mlflow-sender", daemon=True).start()
+        self._wake.set()
+
+    def _send_forever(self) -> None:
+        client, box, wait = MlflowClient(self.tracking_uri), Outbox(self.outbox), 1.0
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                box.drain(client)
+                wait = 1.0
+            except Exception as e:  # server down: keep the records, try again later
+                print(f"[e2kd] MLflow unreachable, {len(box.pending())} epoch record(s) buffered in {mask_uri(self.outbox)} "
+                      f"({mask_uri(str(e))[:200]})")
+                time.sleep(wait)
+                wait = min(30.0, wait * 2)
+                self._wake.set()
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        client = self._client = self._client or MlflowClient(self.tracking_uri)
         m = metrics[0]
         step = int(m.get("epoch", 0))
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in m.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
-        client.log_batch(self.run_id, metrics=batch)
+        artifacts = {}
         if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                png = os.path.join(d, PNG_NAME)
-                if os.path.isfile(png):
-                    client.log_artifact(self.run_id, png)
+            try:
+                with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{PNG_NAME}") as f:
+                    artifacts[PNG_NAME] = f.read()
+            except (FileNotFoundError, OSError):
+                pass
+        Outbox(self.outbox).put(self.run_id, batch, artifacts)
+        self._kick()
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        client = self._client = self._client or MlflowClient(self.tracking_uri)
         first = next(iter(worker_exceptions.values()), None)
-        client.set_tag(self.run_id, "e2kd.last_error", f"{type(first).__name__}: {first}"[:5000])
+        Outbox(self.outbox).put(self.run_id, tags={"e2kd.last_error": f"{type(first).__name__}: {first}"[:5000]})
+        self._kick()
 
 
 class MlflowTrialFinalizer(ray.tune.Callback):
-    """Runs in the sweep process: closes each trial's child run (FINISHED/FAILED) and logs the
-    final student from the trial's last checkpoint. ASHA-stopped trials count as finished."""
+    """Runs in the sweep process: sends what is left in each trial's outbox, logs the final student
+    from the trial's last checkpoint and closes the child run — FINISHED only when the student is
+    in MLflow, FAILED otherwise. ASHA-stopped trials count as finished.
 
-    def __init__(self, tracking_uri: str, exp_id: str, parent_id: str):
+    When the tracking server stays down longer than ``retry_s``, the trial is left RUNNING in MLflow
+    and the sweep goes on; :meth:`finalize_leftovers` (at the end of the sweep, and again on
+    ``--resume``) finalises every child run still RUNNING whose trial has ended."""
+
+    def __init__(self, tracking_uri: str, exp_id: str, parent_id: str, storage: str, sweep: str,
+                 retry_s: float = DEFAULT_RETRY_S, log: Callable[[str], None] = print):
         self.tracking_uri = tracking_uri
         self.exp_id = exp_id
         self.parent_id = parent_id
+        self.storage = storage
+        self.sweep = sweep
+        self.retry_s = retry_s
+        self.log = log
+        self.server_down = False  # after one exhausted budget, later trials try once, not retry_s each
 
-    def _run(self, trial) -> str | None:
-        return find_child(MlflowClient(self.tracking_uri), self.exp_id, self.parent_id, trial.trial_id)
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        run_id = self._run(trial)
+    def finalize(self, trial_id: str, last_result: dict | None, status: str, error_text: str | None = None) -> None:
+        """Raises on an MLflow outage (nothing is closed then); records a bad checkpoint on the run."""
+        client = MlflowClient(self.tracking_uri)
+        run_id = find_child(client, self.exp_id, self.parent_id, trial_id)
         if run_id is None:
             return
-        client = MlflowClient(self.tracking_uri)
-        ckpt = (trial.last_result or {}).get("checkpoint_path")
-        if ckpt:
+        Outbox(outbox_uri(self.storage, train_run_name(self.sweep, trial_id))).drain(client)
+        if status == "FINISHED":
+            ckpt = (last_result or {}).get("checkpoint_path")
             try:
-                log_student(self.tracking_uri, run_id, ckpt)
+                if not ckpt:
+                    raise FileNotFoundError("the trial reported no checkpoint")
+                log_student(self.tracking_uri, run_id, ray.train.Checkpoint(ckpt, storage_filesystem(self.storage)))
             except Exception as e:  # a model that cannot be logged must not fail the sweep
-                client.set_tag(run_id, "e2kd.model_log_error", str(e)[:5000])
-        client.set_terminated(run_id, status="FINISHED")
+                if _transient(e):
+                    raise
+                # Never FINISHED without its model: the run says what is missing instead.
+                client.set_tag(run_id, "e2kd.model_log_error", mask_uri(str(e))[:5000])
+                status = "FAILED"
+        if error_text:
+            client.set_tag(run_id, "e2kd.error", mask_uri(error_text)[-5000:])
+        client.set_terminated(run_id, status=status)
+
+    def _attempt(self, trial_id: str, last_result: dict | None, status: str, error_text: str | None = None) -> None:
+        try:
+            retry(lambda: self.finalize(trial_id, last_result, status, error_text), f"finalising trial {trial_id}",
+                  0.0 if self.server_down else self.retry_s, self.log)
+            self.server_down = False
+        except Exception as e:
+            self.server_down = True
+            self.log(f"[e2kd] trial {trial_id}: MLflow unreachable ({mask_uri(str(e))[:200]}); its run is "
+                     "finalised at the end of the sweep")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._attempt(trial.trial_id, trial.last_result, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run_id = self._run(trial)
-        if run_id is not None:
+        text = None
+        if trial.error_file and os.path.exists(trial.error_file):
+            with open(trial.error_file) as f:
+                text = f.read()
+        self._attempt(trial.trial_id, trial.last_result, "FAILED", text)
+
+    def finalize_leftovers(self, results) -> list[str]:
+        """Finalise the child runs still RUNNING whose trial has ended (``results``: Tune's
+        ResultGrid); returns the trial ids MLflow could not be told about within ``retry_s``."""
+        ended = {r.metrics.get("trial_id") if r.metrics else None: r for r in results}
+
+        def leftovers() -> list[str]:
             client = MlflowClient(self.tracking_uri)
-            if trial.error_file and os.path.exists(trial.error_file):
-                with open(trial.error_file) as f:
-                    client.set_tag(run_id, "e2kd.error", f.read()[-5000:])
-            client.set_terminated(run_id, status="FAILED")
+            runs = client.search_runs([self.exp_id], f"tags.`{TAG_PARENT}` = '{self.parent_id}' and "
+                                                     "attributes.status = 'RUNNING'")
+            return [t for t in (r.data.tags.get(TAG_TRIAL) for r in runs) if t in ended]
+
+        def finalize_all() -> None:
+            for trial_id in leftovers():
+                r = ended[trial_id]
+                self.finalize(trial_id, r.metrics, "FAILED" if r.error else "FINISHED",
+                              None if r.error is None else f"{type(r.error).__name__}: {r.error}")
+
+        try:
+            retry(finalize_all, "finalising trials", self.retry_s, self.log)
+            return []
+        except Exception:
+            try:
+                return leftovers()
+            except Exception:
+                return sorted(t for t in ended if t)
 
 
-def log_student(tracking_uri: str, run_id: str, checkpoint_path: str) -> None:
-    """Log the checkpoint's student with mlflow.pytorch (state dict + architecture in the model)."""
+def _transient(e: BaseException) -> bool:
+    """Worth retrying: the tracking server or the storage (S3 answers with OSError) not answering.
+    A missing file or a bad checkpoint is not."""
+    if isinstance(e, FileNotFoundError):
+        return False
+    return _is_mlflow_outage(e) or isinstance(e, OSError)
+
+
+def _is_mlflow_outage(e: BaseException) -> bool:
+    """A connection-level failure talking to the tracking server (retried), as opposed to a bad or
+    missing checkpoint (recorded on the run)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, (requests.exceptions.RequestException, ConnectionError)):
+        return True
+    # MLflow's REST client wraps connection errors, timeouts and exhausted 5xx retries this way.
+    return isinstance(e, MlflowException) and str(e).startswith("API request to") and " failed with " in str(e)
+
+
+def train_run_name(sweep: str, trial_id: str) -> str:
+    """The Ray Train run of one trial: deterministic, so a retried trial or a resumed sweep resumes
+    its own Train run from the latest checkpoint instead of starting over."""
+    return f"{sweep}-train-{trial_id}"
+
+
+def log_student(tracking_uri: str, run_id: str, checkpoint: ray.train.Checkpoint) -> None:
+    """Log the checkpoint's student with mlflow.pytorch (state dict + architecture in the model).
+    The checkpoint is read through its own filesystem (local, shared mount or S3)."""
     import mlflow
     import torch
 
     from trainables.checkpoint import load_checkpoint, read_meta
     from trainables.models import MODELS, build_model
 
-    fs_path = checkpoint_path
-    if "://" in checkpoint_path:  # remote storage: copy the checkpoint locally first
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(checkpoint_path)
-        fs_path = tempfile.mkdtemp(prefix="e2kd-ckpt-")
-        pafs.copy_files(path, fs_path, source_filesystem=fs)
-    meta = read_meta(fs_path)
-    state = load_checkpoint(fs_path)
+    with checkpoint.as_directory() as d:
+        meta = read_meta(d)
+        state = load_checkpoint(d)
     model = build_model(meta["student"], meta["num_classes"])
     model.load_state_dict(state["model"])
     model.eval()
