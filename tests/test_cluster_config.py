@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
 import shutil
@@ -30,12 +31,23 @@ import yaml
 import ray
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from orchestrator.spec import load_spec
+
 ROOT = Path(__file__).resolve().parents[1]
 AWS = ROOT / "cluster.yaml"
 LOCAL = ROOT / "cluster-local.yaml"
 CONFIGS = [AWS, LOCAL]
 WORLD = {"0.0.0.0/0", "::/0"}
 ALL_INTERFACES = {"0.0.0.0", "::", "[::]", "*"}
+
+
+def _is_cluster_spec(path: Path) -> bool:
+    storage = str(yaml.safe_load(path.read_text()).get("storage", "runs"))
+    return "://" in storage or os.path.isabs(storage)
+
+
+# The shipped specs meant for a cluster: those whose `storage` is not a plain relative path.
+CLUSTER_SPECS = sorted(p for p in (ROOT / "sweeps").glob("*.yaml") if _is_cluster_spec(p))
 CLOUD_SDKS = ("boto3", "botocore", "googleapiclient", "azure.mgmt", "aliyunsdkcore")
 
 
@@ -150,6 +162,88 @@ def ray_start_commands(config: dict) -> list[str]:
     ]
 
 
+NFS_MOUNT = re.compile(r"mount -t nfs4 -o (?P<opts>\S+)\s+(?P<server>[^\s:]+):(?P<export>/\S*)\s+(?P<target>/\S+)")
+
+
+def nfs_mounts(config: dict) -> dict[str, str]:
+    """Host mount point -> its initialization command, for every NFS mount the file makes.
+    Only a guarded mount counts: initialization_commands run on every `ray up`, and a
+    second `mount` of the same path would fail (or stack mounts)."""
+    found = {}
+    for cmd in config.get("initialization_commands") or []:
+        for m in NFS_MOUNT.finditer(cmd):
+            target = m["target"].rstrip(")")
+            if f"mountpoint -q {target} ||" in cmd:
+                found[target] = cmd
+    return found
+
+
+def normalize_mount(cmd: str) -> str:
+    return NFS_MOUNT.sub(lambda m: f"mount -t nfs4 -o OPTS SERVER:{m['export']} {m['target']}", cmd)
+
+
+def container_mounts(options: list[str]) -> dict[str, str]:
+    """Container path -> host path of every `-v HOST:CONTAINER[:MODE]` / `--volume` option."""
+    mounts = {}
+    for opt in options or []:
+        tokens = shlex.split(opt)
+        for flag, value in zip(tokens, tokens[1:]):
+            if flag in ("-v", "--volume"):
+                host, container = value.split(":")[:2]
+                mounts[container.rstrip("/")] = host.rstrip("/")
+    return mounts
+
+
+def under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def spec_paths(spec) -> dict[str, str]:
+    """Every location a sweep reads or writes, by spec field (absolute paths and URIs)."""
+    t = spec.train
+    paths = {"storage": spec.storage, "data.root": t.data.root, "teacher.path": t.teacher.path,
+             "teacher.cache_dir": t.teacher.cache_dir, "student_weights": t.student_weights,
+             "mlflow.artifact_location": spec.mlflow.artifact_location}
+    if spec.mlflow.tracking_uri.startswith("sqlite:///"):
+        paths["mlflow.tracking_uri"] = spec.mlflow.tracking_uri[len("sqlite://"):]
+    return {k: v for k, v in paths.items() if v}
+
+
+def storage_problems(config: dict, spec) -> list[str]:
+    """Spec locations that a Ray Train worker in this cluster's containers could not reach.
+    Only docker.run_options count: they apply to every node, head_run_options only to the
+    head, and trials (data, teacher, checkpoints) run on the workers."""
+    mounts = container_mounts(config["docker"].get("run_options"))
+    problems = []
+    for field, p in spec_paths(spec).items():
+        if "://" in p:
+            if not p.startswith(("s3://", "gs://")):
+                problems.append(f"{field}: {p} is neither a mounted path nor s3:// / gs://")
+        elif not os.path.isabs(p):
+            problems.append(f"{field}: {p} is relative: the workers do not share the driver's directory")
+        elif not any(under(p, c) for c in mounts):
+            problems.append(f"{field}: {p} is under no `-v HOST:CONTAINER` of docker.run_options {sorted(mounts)}")
+    return problems
+
+
+def host_path_problems(config: dict) -> list[str]:
+    """Host paths bind-mounted into the container that initialization_commands do not
+    provide: run_options paths (shared data) must be NFS-mounted, head_run_options paths
+    (MLflow's database) at least created. Docker would otherwise create an empty local
+    directory and the container would see no data."""
+    docker = config["docker"]
+    init = config.get("initialization_commands") or []
+    mounted = nfs_mounts(config)
+    problems = []
+    for host in container_mounts(docker.get("run_options")).values():
+        if host not in mounted:
+            problems.append(f"{host}: bind-mounted by docker.run_options but not mounted by initialization_commands")
+    for host in container_mounts(docker.get("head_run_options")).values():
+        if host not in mounted and not any(re.search(rf"mkdir -p {re.escape(host)}(\s|$)", c) for c in init):
+            problems.append(f"{host}: bind-mounted by docker.head_run_options but not created by initialization_commands")
+    return problems
+
+
 # --------------------------------------------------------------- Ray's own validation
 
 
@@ -213,8 +307,20 @@ def test_image_matches_installed_ray(path):
 
 def test_local_uses_same_commands_as_aws():
     aws, local = load(AWS), load(LOCAL)
-    for key in ("setup_commands", "worker_start_ray_commands", "initialization_commands"):
+    for key in ("setup_commands", "worker_start_ray_commands"):
         assert [c.replace("/home/ubuntu", "$HOME") for c in aws[key]] == local[key], key
+    # Host preparation: identical except for the NFS server and its mount options (EFS
+    # wants noresvport, which a default Linux NFS export, `secure`, refuses), and the
+    # on-premise /mnt/shared mount that stands in for S3 there.
+    local_only = set(nfs_mounts(local)) - set(nfs_mounts(aws))
+    assert local_only == {"/mnt/shared"}, local_only
+    aws_init = [normalize_mount(c.replace("/home/ubuntu", "$HOME")) for c in aws["initialization_commands"]]
+    local_init = [normalize_mount(c) for c in local["initialization_commands"]
+                  if not any(f" {t}" in c for t in local_only)]
+    assert aws_init == local_init
+    # The same bind mounts into the container (head and workers).
+    assert set(container_mounts(aws["docker"]["run_options"]).items()) <= set(
+        container_mounts(local["docker"]["run_options"]).items())
     # MLflow: identical except where artifacts go (S3 vs. the head's disk).
     strip = re.compile(r"--artifacts-destination\s+\S+")
     assert strip.sub("", mlflow_command(aws)) == strip.sub("", mlflow_command(local))
@@ -339,7 +445,10 @@ def test_mlflow_on_private_address(path):
     assert mlflow_binding_problems(cmd) == []
     args = mlflow_server_args(cmd)
     assert option(args, "--host") == "${MLFLOW_HOST}"
-    assert "hostname -I" in cmd  # MLFLOW_HOST = the head's private address
+    # MLFLOW_HOST = the address Ray advertises for the head, not the first of
+    # `hostname -I` (docker0 / a secondary interface on some hosts).
+    assert "hostname -I" not in cmd
+    assert "find_bootstrap_address" in cmd
     assert option(args, "--port") == "5000"
     backend = option(args, "--backend-store-uri")
     assert backend.startswith("sqlite:///${HOME}/")
@@ -380,3 +489,97 @@ def test_token_auth_everywhere(path):
     assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
     assert any("export RAY_AUTH_MODE=token" in c for c in cfg["setup_commands"])
     assert "RAY_AUTH_MODE=disabled" not in yaml.safe_dump(cfg)
+
+
+# ------------------------------------------------------------- storage and data mounts
+
+
+def test_cluster_specs_found():
+    names = {p.name for p in CLUSTER_SPECS}
+    assert {"imagenet-50shot-resnet.yaml", "imagenet-50shot-bcos.yaml", "waterbirds.yaml", "voc.yaml"} <= names
+    assert "quickstart.yaml" not in names  # storage: runs (a local instance)
+
+
+@pytest.mark.parametrize("spec_path", CLUSTER_SPECS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_spec_paths_reachable_in_containers(path, spec_path):
+    """Every local path a cluster spec names lies under a bind mount of the cluster's
+    containers (or is s3:// / gs://), and that mount's host path is provided by the file."""
+    cfg = load(path)
+    spec = load_spec(str(spec_path))
+    assert storage_problems(cfg, spec) == []
+    assert host_path_problems(cfg) == []
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_nfs_mounts_are_guarded_and_marked_edit(path):
+    cfg = load(path)
+    mounts = nfs_mounts(cfg)
+    assert {"/mnt/data", "/mnt/models"} <= set(mounts)
+    text = path.read_text()
+    for target, cmd in mounts.items():
+        server = NFS_MOUNT.search(cmd)["server"]
+        assert "REPLACE-ME" in server, f"{target}: the NFS server is a placeholder the user must edit"
+        # mkdir and mount only when not mounted yet: `ray up` reruns initialization_commands.
+        assert cmd.startswith(f"mountpoint -q {target} ||"), cmd
+    assert "EDIT: fs-REPLACE-ME" in text or "EDIT: nfs.REPLACE-ME" in text
+
+
+def test_mount_checks_catch_a_removed_mount():
+    cfg = load(AWS)
+    spec = load_spec(str(ROOT / "sweeps" / "imagenet-50shot-resnet.yaml"))
+    assert storage_problems(cfg, spec) == [] and host_path_problems(cfg) == []
+
+    no_bind = copy.deepcopy(cfg)
+    no_bind["docker"]["run_options"].remove("-v /mnt/models:/mnt/models")
+    assert [p for p in storage_problems(no_bind, spec) if p.startswith("teacher.path:")]
+
+    no_host_mount = copy.deepcopy(cfg)
+    no_host_mount["initialization_commands"] = [
+        c for c in cfg["initialization_commands"] if "/mnt/data" not in c]
+    assert host_path_problems(no_host_mount) == [
+        "/mnt/data: bind-mounted by docker.run_options but not mounted by initialization_commands"]
+
+    head_only = copy.deepcopy(cfg)  # the head alone is not enough: trials run on the workers
+    head_only["docker"]["run_options"].remove("-v /mnt/data:/mnt/data")
+    head_only["docker"]["head_run_options"].append("-v /mnt/data:/mnt/data")
+    assert [p for p in storage_problems(head_only, spec) if p.startswith("data.root:")]
+
+    no_mlflow_dir = copy.deepcopy(cfg)
+    no_mlflow_dir["initialization_commands"].remove("mkdir -p /home/ubuntu/mlflow")
+    assert host_path_problems(no_mlflow_dir)
+
+
+def test_spec_path_checker_flags_local_and_foreign_locations():
+    cfg = load(LOCAL)
+    spec = load_spec(str(ROOT / "sweeps" / "voc.yaml"),
+                     ["storage=/home/me/ray-results", "teacher.cache_dir=http://example.org/cache",
+                      "mlflow.tracking_uri=sqlite:////var/lib/mlflow.db"])
+    problems = storage_problems(cfg, spec)
+    assert [p.split(":")[0] for p in problems] == ["storage", "teacher.cache_dir", "mlflow.tracking_uri"]
+    ok = load_spec(str(ROOT / "sweeps" / "voc.yaml"), ["storage=/mnt/shared/ray-results"])
+    assert storage_problems(cfg, ok) == []
+    assert storage_problems(load(AWS), ok)  # AWS mounts no /mnt/shared: results go to S3
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_mlflow_host_is_what_ray_advertises(path, tmp_path):
+    """Run the command's MLFLOW_HOST assignment: it reads back the GCS address that the
+    head's `ray start` wrote (RAY_TMPDIR/ray/ray_current_cluster), and falls back to
+    Ray's own node-address logic when there is none."""
+    (assign,) = re.findall(r'MLFLOW_HOST=\$\(python -c "[^"]*"\);', mlflow_command(load(path)))
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def host() -> str:
+        res = subprocess.run(["bash", "-c", assign + ' echo "$MLFLOW_HOST"'], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.1.2.3:6379")
+    assert host() == "10.1.2.3"
+    (tmp_path / "ray" / "ray_current_cluster").unlink()
+    fallback = host()
+    assert re.fullmatch(r"[0-9a-f.:\[\]]+", fallback), fallback
