@@ -17,6 +17,13 @@ from trainables.explainers import explain
 from trainables.models import build_model
 from trainables.teacher import build_cache_local, load_teacher, save_teacher
 
+
+@pytest.fixture(autouse=True)
+def _node_local_dir(tmp_path_factory, monkeypatch):
+    """Decoded cache copies go to a test directory, not ~/.cache/e2kd."""
+    monkeypatch.setenv("E2KD_LOCAL_CACHE", str(tmp_path_factory.getbasetemp() / "node-local"))
+
+
 META = {"teacher_sha256": "a" * 64, "explainer": "gradcam", "fingerprint": "f" * 64, "encoding": "rgb"}
 
 
@@ -80,6 +87,10 @@ def test_corrupt_or_truncated_shard_names_itself(tmp_path):
     with pytest.raises(CacheError) as e:
         open_cache(tmp_path / "c")
     assert shard in str(e.value)
+    with pytest.raises(CacheError, match="corrupt") as e:  # without checksums, the size check still refuses it
+        open_cache(tmp_path / "c", verify=False)
+    assert shard in str(e.value)
+    open(shard, "wb").write(bytes(len(data)))  # right size, not Parquet
     with pytest.raises(CacheError, match="unreadable") as e:  # without checksums, parsing still fails loudly
         open_cache(tmp_path / "c", verify=False)
     assert shard in str(e.value)

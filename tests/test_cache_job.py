@@ -1,5 +1,8 @@
-"""The Ray Data cache job builds the same cache as the in-process builder."""
+"""The Ray Data cache job builds the same cache as the in-process builder, and sizes its actor pool
+from what the cluster can have."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +12,12 @@ from trainables.data import DataConfig
 from trainables.data.cache import open_cache
 from trainables.models import build_model
 from trainables.teacher import build_cache_local, save_teacher
+
+
+@pytest.fixture(autouse=True)
+def _node_local_dir(tmp_path_factory, monkeypatch):
+    """Decoded cache copies go to a test directory, not ~/.cache/e2kd."""
+    monkeypatch.setenv("E2KD_LOCAL_CACHE", str(tmp_path_factory.getbasetemp() / "node-local"))
 
 
 @pytest.fixture
@@ -32,7 +41,12 @@ def test_ray_data_cache_job_matches_local_build(tmp_path, local_ray):
     man = build_cache(tmp_path / "teacher", cfg, "gradcam", tmp_path / "ray_cache", batch_size=8,
                       rows_per_shard=16, progress=False)
     assert local_ray.is_initialized()  # it used the running Ray and left it alone
-    assert man["num_rows"] == 30 and man["built_by"] == "ray-data" and len(man["shards"]) == 2
+    assert man["num_rows"] == 30 and man["built_by"] == "ray-data"
+    assert sum(s["rows"] for s in man["shards"]) == 30 and len(man["shards"]) >= 1
+    assert sorted(os.listdir(tmp_path)) == ["ray_cache", "teacher"]  # the temporary directory was renamed away
+    for s in man["shards"]:  # the manifest's facts are the files' facts
+        f = tmp_path / "ray_cache" / s["file"]
+        assert s["file"].startswith("parts-") and os.path.getsize(f) == s["bytes"]
     build_cache_local(tmp_path / "teacher", cfg, "gradcam", tmp_path / "local_cache", batch_size=8)
     a, b = open_cache(tmp_path / "ray_cache"), open_cache(tmp_path / "local_cache")
     assert np.array_equal(a.ids, b.ids)
@@ -42,3 +56,20 @@ def test_ray_data_cache_job_matches_local_build(tmp_path, local_ray):
     assert np.allclose(da, db, rtol=2e-3, atol=1e-3 * np.abs(db).max())
     for key in ("teacher_sha256", "explainer", "fingerprint", "encoding", "map_shape", "transform"):
         assert a.manifest[key] == b.manifest[key]
+
+
+def test_pool_is_sized_by_what_the_cluster_can_have(monkeypatch):
+    """A cold autoscaling cluster has no GPU *now*: the pool must still start (min 1, grows to the
+    autoscaler's GPUs); only a cluster that can never have a GPU is refused."""
+    import orchestrator.sweep as sweep
+    from orchestrator.cache_job import _pool_bounds
+
+    monkeypatch.setattr(sweep, "cluster_capacity", lambda: sweep.Capacity({"CPU": 8.0, "GPU": 4.0}, autoscaling=True))
+    monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 2.0})  # the head alone, as when cold
+    assert _pool_bounds(use_gpu=True, cpus_per_actor=1) == (1, 4)
+    assert _pool_bounds(use_gpu=False, cpus_per_actor=1) == (1, 7)
+    monkeypatch.setattr(sweep, "cluster_capacity", lambda: sweep.Capacity({"CPU": 8.0, "GPU": 2.0}, autoscaling=False))
+    assert _pool_bounds(use_gpu=True, cpus_per_actor=1) == (2, 2)
+    monkeypatch.setattr(sweep, "cluster_capacity", lambda: sweep.Capacity({"CPU": 8.0}, autoscaling=True))
+    with pytest.raises(RuntimeError, match="no GPU.*autoscaler"):
+        _pool_bounds(use_gpu=True, cpus_per_actor=1)

@@ -2,9 +2,13 @@
 
 ``train_teacher`` writes ``teacher.pt`` (a plain state dict: ``load_weights`` /
 ``torch.load(weights_only=True)`` read it) and ``teacher.json`` (the :class:`ModelCard`, which
-holds the sha256 of teacher.pt). Both are written atomically (temp file + os.replace), weights
-first, so a card never points at weights that are not fully on disk. ``load_teacher`` refuses
-weights whose checksum differs from the card.
+holds the sha256 of teacher.pt). Both are written atomically (temp file + os.replace; on an
+object store one PUT each), weights first, so a card never points at weights that are not fully
+written. ``load_teacher`` refuses weights whose checksum differs from the card.
+
+A teacher path is a local directory (or its teacher.pt) or a store URI (``s3://bucket/teachers/x``,
+see :mod:`trainables.storage`): a store teacher is downloaded once per node, into a local directory
+keyed by its weights' sha256, and verified like a local one.
 
 The teacher trains on ``family.teacher_config(data)``: the full training split (``shots`` ignored)
 of the *clean* data — decoy-digits teachers train on plain digits, so they never see the shortcut.
@@ -12,6 +16,8 @@ of the *clean* data — decoy-digits teachers train on plain digits, so they nev
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import io
 import json
 import math
 import os
@@ -24,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from trainables.checkpoint import atomic_write, atomic_write_bytes
+from trainables import storage
 from trainables.data import DataConfig, build_dataset, dataset_info
 from trainables.data.base import family
 from trainables.explainers import explain
@@ -68,10 +74,6 @@ class ModelCard:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, loader: DataLoader, multilabel: bool = False) -> float:
     """Top-1 accuracy; multi-label: fraction of samples whose top-1 class is present."""
@@ -98,7 +100,8 @@ def train_teacher(arch: str, data: DataConfig, out_dir: str | os.PathLike, epoch
     """
     progress = progress or (lambda s: None)
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    if not storage.is_uri(out_dir):  # fail on an unwritable directory before training, not after
+        os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     tdata = family(data).teacher_config(data)
     info = dataset_info(tdata)
@@ -162,57 +165,79 @@ def train_teacher(arch: str, data: DataConfig, out_dir: str | os.PathLike, epoch
 
 def save_teacher(model: Classifier, arch: str, data: DataConfig, out_dir: str | os.PathLike,
                  **card_fields) -> ModelCard:
-    """Write ``model`` as a teacher (teacher.pt, then teacher.json), atomically. ``card_fields``
-    fill the training-related card fields (defaults describe an untrained model)."""
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    """Write ``model`` as a teacher (teacher.pt, then teacher.json), atomically, to a local
+    directory or a store URI. ``card_fields`` fill the training-related card fields (defaults
+    describe an untrained model)."""
+    out_dir = storage.normalize(out_dir)
     tdata = family(data).teacher_config(data)
     info = dataset_info(tdata)
-    weights = os.path.join(out_dir, WEIGHTS_FILE)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(weights, lambda tmp: torch.save(state, tmp))
+    buf = io.BytesIO()  # serialise once: the checksum and the upload are of the same bytes
+    torch.save(state, buf)
+    blob = buf.getvalue()
+    storage.write_bytes(storage.join(out_dir, WEIGHTS_FILE), blob)
     defaults = dict(test_accuracy=None, val_accuracy=None, eval_split="", epochs=0, lr=0.0, batch_size=0,
                     seed=0, train_samples=0, train_seconds=0.0)
     card = ModelCard(
         arch=arch, num_classes=info.num_classes, encoding=model.input_encoding, image_size=tdata.image_size,
         data_name=data.name, teacher_data=tdata.name, data_fingerprint=info.fingerprint,
-        data_config=tdata.to_dict(), sha256=file_sha256(weights),
+        data_config=tdata.to_dict(), sha256=hashlib.sha256(blob).hexdigest(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), torch_version=torch.__version__,
         **{**defaults, **card_fields})
-    _write_text(os.path.join(out_dir, CARD_FILE), card.to_json())
+    storage.write_bytes(storage.join(out_dir, CARD_FILE), card.to_json().encode())  # last: makes it valid
     return card
 
 
 def teacher_paths(path: str | os.PathLike) -> tuple[str, str]:
-    """(weights, card) for a teacher directory or a weights file (card = teacher.json beside it)."""
+    """(weights, card) for a teacher directory or a weights file (card = teacher.json beside it),
+    local paths or store URIs."""
     path = os.fspath(path)
+    if storage.is_uri(path):
+        path = storage.normalize(path)
+        if path.endswith(".pt"):
+            return path, storage.join(storage.parent_and_name(path)[0], CARD_FILE)
+        return storage.join(path, WEIGHTS_FILE), storage.join(path, CARD_FILE)
     if os.path.isdir(path):
         return os.path.join(path, WEIGHTS_FILE), os.path.join(path, CARD_FILE)
     return path, os.path.join(os.path.dirname(os.path.abspath(path)), CARD_FILE)
 
 
+def teacher_exists(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds teacher weights (a local check or one store request)."""
+    return storage.is_file(teacher_paths(path)[0])
+
+
 def read_card(path: str | os.PathLike) -> ModelCard:
     _, card_path = teacher_paths(path)
-    if not os.path.isfile(card_path):
-        raise FileNotFoundError(f"teacher model card not found: {card_path}")
-    with open(card_path) as f:
-        return ModelCard.from_dict(json.load(f))
+    try:
+        text = storage.read_bytes(card_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"teacher model card not found: {card_path}") from None
+    return ModelCard.from_dict(json.loads(text))
 
 
 def load_teacher(path: str | os.PathLike) -> tuple[Classifier, ModelCard]:
-    """Load a teacher directory (or its teacher.pt) in eval mode, after checking the weights'
-    sha256 against the model card. Raises ValueError naming the file on mismatch."""
+    """Load a teacher directory (or its teacher.pt), local or a store URI, in eval mode, after
+    checking the weights' sha256 against the model card. Raises ValueError naming the file on
+    mismatch. A store teacher is downloaded once per node (:func:`trainables.storage.local_copy`)."""
     weights, card_path = teacher_paths(path)
-    if not os.path.isfile(weights):
+    if not storage.is_file(weights):
         raise FileNotFoundError(f"teacher weights not found: {weights} (expected a directory holding "
                                 f"{WEIGHTS_FILE} + {CARD_FILE}, or the {WEIGHTS_FILE} file itself)")
     card = read_card(path)
-    actual = file_sha256(weights)
+    if storage.is_uri(weights):
+        parent, name = storage.parent_and_name(weights)
+        local = storage.local_copy(parent, card.sha256, {name: card.sha256}, kind="teachers")
+        actual = file_sha256(os.path.join(local, name))
+        weights_file = os.path.join(local, name)
+    else:
+        weights_file = weights
+        actual = file_sha256(weights)
     if actual != card.sha256:
         raise ValueError(f"teacher weights {weights} fail their checksum: sha256 {actual} but {card_path} "
                          f"records {card.sha256} (file modified or corrupt)")
     model = build_model(card.arch, card.num_classes)
-    load_weights(model, weights, arch=card.arch)
+    load_weights(model, weights_file, arch=card.arch)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -312,5 +337,5 @@ def build_cache_local(teacher_dir: str | os.PathLike, data: DataConfig, explaine
 
 
 __all__ = ["ModelCard", "TeacherRunner", "build_cache_local", "save_teacher", "train_teacher", "load_teacher",
-           "read_card", "teacher_paths", "teacher_outputs",
+           "read_card", "teacher_exists", "teacher_paths", "teacher_outputs",
            "evaluate_accuracy", "WEIGHTS_FILE", "CARD_FILE"]
