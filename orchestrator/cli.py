@@ -43,6 +43,9 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
     t = spec.train
     r = spec.resources
     local = not (address or os.environ.get("RAY_ADDRESS"))
+    if t.data.root is not None and "://" in t.data.root:  # datasets are read with os/PIL, not pyarrow
+        raise ValueError(f"data.root: {t.data.root} is a store URI; datasets are read from a local or shared-filesystem "
+                         "path (only teacher.path and teacher.cache_dir may be store URIs)")
     if t.data.root is not None and not os.path.exists(t.data.root):
         raise FileNotFoundError(f"data.root: dataset path does not exist: {t.data.root}")
     dataset_info(t.data)  # validates dataset name, root layout and shots
@@ -66,11 +69,23 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
             if r.gpus_per_trial > gpus:
                 raise RuntimeError(f"resources: one trial needs {r.gpus_per_trial:g} GPU (workers_per_trial × "
                                    f"gpus_per_worker) but this machine has {gpus}")
-    teacher_pt = os.path.join(t.teacher.path, "teacher.pt")
-    if need_teacher and not os.path.isfile(teacher_pt) and not spec.teacher_training:
-        raise FileNotFoundError(f"teacher.path: no teacher.pt in {t.teacher.path}; run `e2kd teacher {spec.source}`")
-    if (t.teacher.mode == "cached" and os.path.isfile(os.path.join(t.teacher.cache_dir, "manifest.json"))
-            and os.path.isfile(teacher_pt)):
+    from trainables import storage
+    from trainables.teacher import teacher_exists
+
+    def probe(field: str, path: str, check):
+        # Teacher and cache may be store URIs (s3://…): an unreachable store, missing bucket or
+        # refused credentials is reported naming the field, before Ray starts.
+        try:
+            return check(path)
+        except OSError as e:
+            raise ConnectionError(f"{field}: cannot read {path}: {e}") from None
+
+    have_teacher = probe("teacher.path", t.teacher.path, teacher_exists)
+    if need_teacher and not have_teacher and _teacher_recipe(spec) is None:
+        raise FileNotFoundError(_no_teacher_message(spec))
+    if (t.teacher.mode == "cached" and have_teacher
+            and probe("teacher.cache_dir", t.teacher.cache_dir,
+                      lambda p: storage.is_file(storage.join(p, "manifest.json")))):
         # A cache made by another teacher, explainer or data selection would only fail inside the
         # Train workers: compare its manifest with this spec now.
         from trainables.data.cache import CacheError, check_expect, read_manifest
@@ -85,19 +100,53 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
     tracking.check_reachable(tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri))
 
 
+def _teacher_recipe(spec: SweepSpec):
+    """The spec's ``teacher_training`` section, or None when the spec gives none. Only a spec that
+    says how to train its teacher gets one trained for it: a mistyped teacher.path in a cluster
+    spec must not start training a ResNet-34 on ImageNet on the head's CPU.
+
+    ``SweepSpec.teacher_training`` is today a dataclass filled with defaults when the section is
+    absent (always truthy), so the spec file is consulted; once spec.py makes it
+    ``TeacherTrainingConfig | None = None`` the first test alone decides."""
+    tt = spec.teacher_training
+    if tt is None:
+        return None
+    if spec.source and os.path.isfile(spec.source):
+        import yaml
+
+        with open(spec.source) as f:
+            data = yaml.safe_load(f)
+        if isinstance(data, dict) and "teacher_training" not in data:
+            return None
+    return tt
+
+
+def _no_teacher_message(spec: SweepSpec) -> str:
+    p = spec.train.teacher.path
+    return (f"teacher.path: no teacher.pt in {p}, and the spec has no teacher_training section, so none is "
+            f"trained; fix teacher.path, import weights with `e2kd teacher {spec.source} --weights FILE`, "
+            "or add a teacher_training section")
+
+
 def ensure_teacher(spec: SweepSpec, force: bool = False):
-    """Train the teacher when its checkpoint is missing (the embedded default), else load its card."""
-    from trainables.teacher import load_teacher, train_teacher
+    """Load the teacher's card; train the teacher only when it is missing (or ``force``) and the
+    spec has a teacher_training section. Teacher paths may be store URIs (s3://…)."""
+    from trainables.teacher import load_teacher, teacher_exists, train_teacher
 
     t = spec.train
-    if os.path.isfile(os.path.join(t.teacher.path, "teacher.pt")) and not force:
+    if not force and teacher_exists(t.teacher.path):
         _, card = load_teacher(t.teacher.path)
         if card.arch != t.teacher.arch:
             raise ValueError(f"teacher.arch is {t.teacher.arch!r} but {t.teacher.path} holds a {card.arch!r} teacher")
         acc = "n/a" if card.test_accuracy is None else f"{card.test_accuracy:.3f}"
         print(f"[e2kd] teacher: {t.teacher.path} ({card.arch}, test accuracy {acc})")
         return card
-    tt = spec.teacher_training
+    tt = _teacher_recipe(spec)
+    if tt is None:
+        if force:
+            raise ValueError(f"teacher_training: `--force` retrains the teacher in {t.teacher.path}, but the spec "
+                             f"{spec.source} has no teacher_training section saying how")
+        raise FileNotFoundError(_no_teacher_message(spec))
     print(f"[e2kd] training teacher {t.teacher.arch} on clean {t.data.name} -> {t.teacher.path}")
     return train_teacher(t.teacher.arch, t.data, t.teacher.path, epochs=tt.epochs, lr=tt.lr,
                          batch_size=tt.batch_size, seed=tt.seed)
@@ -107,7 +156,9 @@ def ensure_cache(spec: SweepSpec, force: bool = False) -> None:
     t = spec.train
     if t.teacher.mode != "cached":
         return
-    if os.path.isfile(os.path.join(t.teacher.cache_dir, "manifest.json")) and not force:
+    from trainables import storage
+
+    if storage.is_file(storage.join(t.teacher.cache_dir, "manifest.json")) and not force:  # local or s3://
         print(f"[e2kd] teacher cache: {t.teacher.cache_dir}")
         return
     from orchestrator.cache_job import build_cache
@@ -270,7 +321,18 @@ def cmd_cache(args) -> int:
     if spec.train.teacher.mode != "cached":
         return _err(f"{args.spec}: teacher.mode is {spec.train.teacher.mode!r}; set teacher.mode=cached and teacher.cache_dir")
     ensure_teacher(spec)
-    ensure_cache(spec, force=args.force)
+    from orchestrator.sweep import init_ray
+
+    # On a cluster (RAY_ADDRESS, or --address where the parser offers it) the actors run on its
+    # GPU nodes; otherwise a local instance, shut down after.
+    started = init_ray(getattr(args, "address", None), spec.resources.num_cpus)
+    try:
+        ensure_cache(spec, force=args.force)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     return 0
 
 

@@ -68,3 +68,57 @@ def test_bcos_teacher_card(tmp_path):
     card = save_teacher(build_model("small_bcos_cnn", 10), "small_bcos_cnn", DataConfig(), tmp_path)
     model, c = load_teacher(tmp_path)
     assert c.encoding == "bcos6" and model.is_bcos and card.test_accuracy is None
+
+
+def _spec_without_recipe(tmp_path, teacher_path: str) -> str:
+    """quickstart.yaml with no teacher_training section (as the cluster specs) and ``teacher_path``."""
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "sweeps", "quickstart.yaml")) as f:
+        d = yaml.safe_load(f)
+    d.pop("teacher_training")
+    d["teacher"]["path"] = teacher_path
+    d["storage"] = str(tmp_path / "runs")
+    d["resources"].update(workers_per_trial=1, num_cpus=2)
+    d["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "recipe"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return str(path)
+
+
+def test_missing_teacher_without_recipe_is_refused_not_trained(tmp_path, monkeypatch):
+    """A mistyped teacher.path in a spec that gives no teacher_training section must be refused
+    (naming teacher.path), never trained: SweepSpec fills in a default recipe, which is always truthy."""
+    import dataclasses
+
+    import trainables.teacher
+    from orchestrator.cli import ensure_teacher, preflight
+    from orchestrator.spec import load_spec
+
+    def no_training(*a, **k):
+        raise AssertionError("train_teacher called for a spec without a teacher_training section")
+
+    monkeypatch.setattr(trainables.teacher, "train_teacher", no_training)
+    typo = str(tmp_path / "teachers" / "digits-smal_cnn")
+    spec = load_spec(_spec_without_recipe(tmp_path, typo))
+    with pytest.raises(FileNotFoundError, match="teacher.path") as e:
+        preflight(spec)
+    assert typo in str(e.value) and "teacher_training" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="teacher.path"):
+        ensure_teacher(spec)
+    with pytest.raises(ValueError, match="teacher_training"):
+        ensure_teacher(spec, force=True)
+    # the same once spec.py makes the section optional (None when absent)
+    spec_none = dataclasses.replace(spec, teacher_training=None, source="")
+    with pytest.raises(FileNotFoundError, match="teacher.path"):
+        preflight(spec_none)
+    with pytest.raises(FileNotFoundError, match="teacher.path"):
+        ensure_teacher(spec_none)
+    assert not os.path.exists(typo)
+    # a spec that gives the section still gets its missing teacher trained (the quickstart path)
+    trained = []
+    monkeypatch.setattr(trainables.teacher, "train_teacher", lambda *a, **k: trained.append(a) or "card")
+    with_recipe = dataclasses.replace(spec, source="")  # no file to consult: the spec's own recipe
+    preflight(with_recipe)
+    assert ensure_teacher(with_recipe) == "card" and trained[0][2] == typo
