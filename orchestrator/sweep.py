@@ -343,7 +343,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         client.set_terminated(parent, status="RUNNING")
     ctx = DriverContext(spec=spec, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, storage_path=storage,
                         start_timeout_s=start_timeout_s(spec, cap), max_concurrent=concurrency(spec, cap))
-    finalizer = tracking.MlflowTrialFinalizer(uri, exp_id, parent, storage, spec.name, spec.mlflow.retry_s, log)
+    finalizer = tracking.MlflowTrialFinalizer(uri, exp_id, parent, storage, spec.name, spec.mlflow.retry_s)
     tuner, trainable = build_tuner(spec, ctx, [finalizer], grid)
     if resume and can_restore:
         # Finished trials are restored, not rerun; the searcher (with its Optuna study, including

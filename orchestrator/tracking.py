@@ -182,7 +182,7 @@ T = TypeVar("T")
 DEFAULT_RETRY_S = 900.0
 
 
-def retry(fn: Callable[[], T], what: str, budget_s: float, log: Callable[[str], None] = print) -> T:
+def retry(fn: Callable[[], T], what: str, budget_s: float, log: Callable[[str], None] | None = None) -> T:
     """``fn()`` until it succeeds or ``budget_s`` has passed (backoff 1 s doubling to 30 s); the
     last error is raised after that. Only transient errors are retried (the tracking server or the
     storage not answering); anything else is raised at once. MLflow's own HTTP retries (about
@@ -195,7 +195,7 @@ def retry(fn: Callable[[], T], what: str, budget_s: float, log: Callable[[str], 
             if not _transient(e) or time.monotonic() + wait > deadline:
                 raise
             if not said:
-                log(f"[e2kd] {what}: MLflow not reachable ({mask_uri(str(e))[:200]}); retrying for up to "
+                (log or print)(f"[e2kd] {what}: MLflow not reachable ({mask_uri(str(e))[:200]}); retrying for up to "
                     f"{budget_s:.0f} s")
                 said = True
             time.sleep(wait)
@@ -364,14 +364,14 @@ class MlflowTrialFinalizer(ray.tune.Callback):
     ``--resume``) finalises every child run still RUNNING whose trial has ended."""
 
     def __init__(self, tracking_uri: str, exp_id: str, parent_id: str, storage: str, sweep: str,
-                 retry_s: float = DEFAULT_RETRY_S, log: Callable[[str], None] = print):
+                 retry_s: float = DEFAULT_RETRY_S):
+        # No logger attribute: Tune pickles its callbacks with the experiment state.
         self.tracking_uri = tracking_uri
         self.exp_id = exp_id
         self.parent_id = parent_id
         self.storage = storage
         self.sweep = sweep
         self.retry_s = retry_s
-        self.log = log
         self.server_down = False  # after one exhausted budget, later trials try once, not retry_s each
 
     def finalize(self, trial_id: str, last_result: dict | None, status: str, error_text: str | None = None) -> None:
@@ -400,11 +400,11 @@ class MlflowTrialFinalizer(ray.tune.Callback):
     def _attempt(self, trial_id: str, last_result: dict | None, status: str, error_text: str | None = None) -> None:
         try:
             retry(lambda: self.finalize(trial_id, last_result, status, error_text), f"finalising trial {trial_id}",
-                  0.0 if self.server_down else self.retry_s, self.log)
+                  0.0 if self.server_down else self.retry_s)
             self.server_down = False
         except Exception as e:
             self.server_down = True
-            self.log(f"[e2kd] trial {trial_id}: MLflow unreachable ({mask_uri(str(e))[:200]}); its run is "
+            print(f"[e2kd] trial {trial_id}: MLflow unreachable ({mask_uri(str(e))[:200]}); its run is "
                      "finalised at the end of the sweep")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -435,7 +435,7 @@ class MlflowTrialFinalizer(ray.tune.Callback):
                               None if r.error is None else f"{type(r.error).__name__}: {r.error}")
 
         try:
-            retry(finalize_all, "finalising trials", self.retry_s, self.log)
+            retry(finalize_all, "finalising trials", self.retry_s)
             return []
         except Exception:
             try:

@@ -495,7 +495,7 @@ These cannot be caught before Ray starts; `tests/test_faults.py` checks each.
 | problem | what happens |
 |---|---|
 | NaN/Inf loss (e.g. `--set optim.lr=1e30`) | The worker raises `NonFiniteLossError` ("non-finite loss nan at epoch E, step S (kd=…, exp=…); lower optim.lr or loss.lam") before anything is reported. The run fails at once: no Ray Train restart (`NonFiniteFailFast` turns it into a controller error, which Train does not retry) and Tune's trial retry stops immediately (the child run carries the tag `e2kd.nonfinite`). The Tune trial is ERROR with `NonFiniteLossError` in its error, the MLflow child run is FAILED with the tags `e2kd.nonfinite` and `e2kd.error`, and the Optuna trial is FAIL (no value to rank). |
-| resources that never fit a cluster joined with `--address` | `run_sweep` refuses at once ("resources: one trial needs N CPU …, the cluster has M"), before any MLflow run or Tune directory is created, unless `E2KD_AUTOSCALING` says the cluster can grow. |
+| resources that never fit a cluster joined with `--address` | `run_sweep` refuses at once ("resources: one trial needs N CPU (the cluster has M)", naming every resource that is short, custom `worker_resources` included), before any MLflow run or Tune directory is created. On an autoscaling cluster it judges by what the autoscaler's node types × `max_workers` can provide, not by the nodes up now. |
 | a Train worker, the sweep driver or a node dies | see `tests/test_faults.py`: the trial resumes from its last checkpoint, `e2kd sweep SPEC --resume` continues the sweep. |
 | a truncated or corrupt checkpoint / cache shard | `CorruptCheckpointError` / `CacheError` naming the file; on resume the newest checkpoint that verifies is used. |
 """
