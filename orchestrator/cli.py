@@ -4,6 +4,7 @@
     e2kd train SPEC [--set key=value ...]        one trial on Ray Train, no Tune
     e2kd teacher SPEC                             train the spec's teacher (with a model card)
     e2kd cache SPEC                               frozen teacher logits + explanations (Ray Data)
+    e2kd capacity [SPEC] [--publish AUTOSCALER_YAML]   what the cluster can have, trials at once
     e2kd report EXPERIMENT [--sweep NAME]         KD baseline vs best e²KD, plots
     e2kd report EXPERIMENT --trend SWEEP... --by data.shots   the gain against one setting, plot
     e2kd ui [--tracking-uri URI] [--port 5000]    MLflow UI on 127.0.0.1
@@ -336,6 +337,37 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_capacity(args) -> int:
+    """What the connected cluster can have; with --publish, record the autoscaler's node types first."""
+    import ray
+
+    from orchestrator.cluster import cluster_capacity, publish_autoscaler_config
+    from orchestrator.sweep import concurrency, start_timeout_s
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError) as e:
+        raise ConnectionError(f"--address {address}: no Ray cluster to connect to ({e})") from None
+    try:
+        if args.publish:
+            publish_autoscaler_config(args.publish)
+            print(f"[e2kd] recorded the node types of {args.publish} in the cluster's GCS")
+        cap = cluster_capacity()
+        how = "autoscaler node types × max_workers" if cap.autoscaling else "nodes up now (no autoscaler record)"
+        print(f"[e2kd] the cluster can have ({how}): " + ", ".join(
+            f"{k}={v:g}" for k, v in sorted(cap.resources.items())
+            if not k.startswith(("node:", "memory", "object_store_memory", "accelerator_type"))))
+        if args.spec:
+            spec = _load(args)
+            print(f"[e2kd] {spec.source}: {concurrency(spec, cap)} trial(s) at once, each "
+                  + ", ".join(f"{v:g} {k}" for k, v in sorted(spec.resources.trial_needs().items()))
+                  + f"; worker start timeout {start_timeout_s(spec, cap):g} s")
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def cmd_report(args) -> int:
     from orchestrator import report
 
@@ -395,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--weights", help="import these existing weights as the teacher instead of training one")
     sp = spec_cmd("cache", "cache the teacher's logits and explanations (Parquet)", cmd_cache)
     sp.add_argument("--force", action="store_true", help="rebuild even if the cache exists")
+    sp = sub.add_parser("capacity", help="what the Ray cluster can have (autoscaler node types × max_workers) "
+                                         "and how many trials of SPEC fit at once")
+    sp.add_argument("spec", nargs="?", help="sweep spec (optional)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE")
+    sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or auto)")
+    sp.add_argument("--publish", metavar="AUTOSCALER_YAML",
+                    help="first record this autoscaler config's node types in the cluster (the cluster files run "
+                         "`e2kd capacity --publish ~/ray_bootstrap_config.yaml` after `ray start --head`)")
+    sp.set_defaults(fn=cmd_capacity)
     sp = sub.add_parser("report", help="KD baseline vs best e²KD trial, with plots")
     sp.add_argument("experiment", help="MLflow experiment name")
     sp.add_argument("--sweep", help="sweep name (default: the experiment's latest sweep)")

@@ -24,6 +24,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator import tracking
+from orchestrator.cluster import Capacity, cluster_capacity
 from orchestrator.spec import DRIVER_RESOURCE_AMOUNT, SweepSpec
 from trainables.config import TrainConfig, flatten, with_overrides
 from trainables.train_loop import NonFiniteLossError, train_loop_per_worker
@@ -206,35 +207,6 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
 
 
 # ------------------------------------ running a sweep ---------------------------------------
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """What the cluster can have. ``autoscaling``: read from the autoscaler's node types and
-    ``max_workers`` (nodes may not be up yet); otherwise what is up now (a fixed cluster, a
-    local instance)."""
-
-    resources: dict[str, float]
-    autoscaling: bool
-
-
-def cluster_capacity() -> Capacity:
-    """The autoscaler's view when there is one, as Ray Train V2 reads it for its own feasibility
-    check (``get_max_resources_from_cluster_config``, a private API: Ray offers no public one), else
-    ``ray.cluster_resources()``. On an autoscaling cluster with ``min_workers: 0`` the current
-    resources are the head alone, so a sweep judged by them would be refused or serialised."""
-    from ray._private.state import state
-
-    now = {k: float(v) for k, v in ray.cluster_resources().items()}
-    try:
-        most = state.get_max_resources_from_cluster_config()
-    except Exception:  # no GCS cluster config (older clusters, a client connection): fixed view
-        most = None
-    if not most:
-        return Capacity(now, autoscaling=False)
-    # The node types may exclude the head (max_workers 0): what is up now counts too.
-    keys = set(now) | set(most)
-    return Capacity({k: max(now.get(k, 0.0), float(most.get(k, 0))) for k in keys}, autoscaling=True)
 
 
 def concurrency(spec: SweepSpec, capacity: Capacity | None = None) -> int:
