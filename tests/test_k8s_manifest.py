@@ -70,30 +70,42 @@ def dockerfile() -> tuple[str, str]:
     return base, workdir
 
 
-def entrypoint_args(doc: dict):
-    """The entrypoint as e2kd's parser reads it (the whole entrypoint must be one `e2kd` call)."""
-    argv = shlex.split(doc["spec"]["entrypoint"])
-    assert argv[0] == "e2kd", f"entrypoint must start with `e2kd`: {argv}"
+def entrypoint_calls(doc: dict) -> list:
+    """Every `e2kd` call of the entrypoint (joined by &&), as e2kd's parser reads it."""
+    calls = []
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv[1:])
-    except SystemExit as e:  # argparse exits on an unknown option
-        raise AssertionError(f"entrypoint does not parse with e2kd's CLI: {argv}") from e
-    # argparse also accepts abbreviations (--addr): the manifest spells options out in full.
-    sub = parser._subparsers._group_actions[0].choices[args.command]
-    for opt in (a.split("=", 1)[0] for a in argv[2:] if a.startswith("--")):
-        assert opt in sub._option_string_actions, f"entrypoint does not parse with e2kd's CLI: {opt} (abbreviated?)"
-    return args
+    for part in doc["spec"]["entrypoint"].split("&&"):
+        argv = shlex.split(part)
+        assert argv and argv[0] == "e2kd", f"each entrypoint command must be an `e2kd` call: {argv}"
+        try:
+            args = parser.parse_args(argv[1:])
+        except SystemExit as e:  # argparse exits on an unknown option
+            raise AssertionError(f"entrypoint does not parse with e2kd's CLI: {argv}") from e
+        # argparse also accepts abbreviations (--addr): the manifest spells options out in full.
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        for opt in (a.split("=", 1)[0] for a in argv[2:] if a.startswith("--")):
+            assert opt in sub._option_string_actions, f"entrypoint does not parse with e2kd's CLI: {opt} (abbreviated?)"
+        calls.append(args)
+    return calls
 
 
-def spec_file(doc: dict) -> Path:
-    """The spec path of the entrypoint, mapped from the image's WORKDIR to this checkout."""
-    path = entrypoint_args(doc).spec
+def entrypoint_args(doc: dict):
+    """The entrypoint's `e2kd sweep` call (the last command)."""
+    return entrypoint_calls(doc)[-1]
+
+
+def in_checkout(path: str) -> Path:
+    """A path in the image's WORKDIR, mapped to this checkout."""
     _, workdir = dockerfile()
     if os.path.isabs(path):
         assert path.startswith(workdir.rstrip("/") + "/"), f"{path} is not in the image's WORKDIR {workdir}"
         path = os.path.relpath(path, workdir)
     return ROOT / path
+
+
+def spec_file(doc: dict) -> Path:
+    """The spec path of the entrypoint, mapped from the image's WORKDIR to this checkout."""
+    return in_checkout(entrypoint_args(doc).spec)
 
 
 def spec_of(doc: dict):
@@ -281,3 +293,29 @@ def test_secrets_come_from_secrets(manifest):
     runtime_env = yaml.safe_load(manifest["spec"].get("runtimeEnvYAML") or "{}")
     for name in runtime_env.get("env_vars", {}):
         assert not SECRET_NAMES.search(name), f"{name} in runtimeEnvYAML is visible in the job's metadata"
+
+
+def test_node_groups_on_record_match_the_manifest(manifest):
+    """The entrypoint first records the node groups (`e2kd capacity --publish`), and that file
+    describes exactly this manifest's groups: a head-only start is judged by what the GPU group
+    can add, not refused."""
+    from orchestrator.cluster import cluster_config_from_autoscaler
+
+    (cap, sweep) = entrypoint_calls(manifest)
+    assert cap.command == "capacity" and cap.address == "auto" and sweep.command == "sweep"
+    node_types = yaml.safe_load(in_checkout(cap.publish).read_text())
+    types = node_types["available_node_types"]
+    rc = manifest["spec"]["rayClusterSpec"]
+    head = types[node_types["head_node_type"]]["resources"]
+    hc = limits(ray_container(rc["headGroupSpec"]))
+    assert head["CPU"] == quantity(hc["cpu"]) and head.get("GPU", 0) == 0
+    for k, v in (rc["headGroupSpec"].get("resources") or {}).items():
+        assert head.get(k) == float(v), k
+    for g in rc["workerGroupSpecs"]:
+        t = types[g["groupName"]]
+        lim = limits(ray_container(g))
+        assert t["resources"].get("CPU") == quantity(lim.get("cpu", 0)), g["groupName"]
+        assert t["resources"].get("GPU", 0) == quantity(lim.get("nvidia.com/gpu", 0)), g["groupName"]
+        assert (t.get("min_workers", 0), t["max_workers"]) == (g["minReplicas"], g["maxReplicas"]), g["groupName"]
+    assert set(types) == {node_types["head_node_type"]} | {g["groupName"] for g in rc["workerGroupSpecs"]}
+    cluster_config_from_autoscaler(node_types)  # a valid record
