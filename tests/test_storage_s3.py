@@ -184,3 +184,18 @@ def test_preflight_accepts_an_s3_teacher_without_training(s3_env, tmp_path, teac
         spec.train, loss=dataclasses.replace(spec.train.loss, explainer="gradcam_autograd")))
     with pytest.raises(CacheError, match="teacher.cache_dir.*explainer"):
         preflight(spec)
+
+
+def test_cli_imports_weights_as_an_s3_teacher(s3_env, tmp_path):
+    """`e2kd teacher SPEC --weights FILE` with teacher.path on s3 writes teacher.pt + card there."""
+    from orchestrator.cli import main
+
+    bucket = make_bucket(s3_env, "teachers-cli")
+    src = build_model("small_cnn", 10)
+    raw = tmp_path / "raw.pt"
+    torch.save(src.net.state_dict(), raw)
+    assert main(["teacher", QUICKSTART, "--weights", str(raw), "--set", f"teacher.path={bucket}/t"]) == 0
+    model, card = load_teacher(f"{bucket}/t")
+    assert card.extra["imported_from"] == str(raw)
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

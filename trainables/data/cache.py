@@ -516,6 +516,9 @@ def _decode(path: str, manifest: dict, dest: str, verify: bool) -> None:
             os.unlink(f)
     for a in out.values():
         a.flush()
+    # Arrow's allocator keeps freed decode buffers for reuse; this process is about to train, so
+    # hand them back rather than carry a shard's worth of dead memory.
+    pa.default_memory_pool().release_unused()
 
 
 def _check_present(path: str, manifest: dict) -> None:
