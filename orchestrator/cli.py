@@ -63,6 +63,10 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
                 f"resources: one trial needs {r.cpus_per_trial:g} CPU (workers_per_trial={r.workers_per_trial} × "
                 f"cpus_per_worker={r.cpus_per_worker:g} + driver_cpus={r.driver_cpus:g}) but the local Ray "
                 f"instance has {have:g} (resources.num_cpus); lower resources.workers_per_trial or use --address")
+        if r.worker_resources:
+            raise RuntimeError(f"resources.worker_resources: {sorted(r.worker_resources)} can never be scheduled on a "
+                               "local Ray instance (it has no custom resources); submit to a cluster whose node types "
+                               "declare them with --address")
         if r.use_gpu:
             import torch
 
@@ -104,22 +108,8 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
 def _teacher_recipe(spec: SweepSpec):
     """The spec's ``teacher_training`` section, or None when the spec gives none. Only a spec that
     says how to train its teacher gets one trained for it: a mistyped teacher.path in a cluster
-    spec must not start training a ResNet-34 on ImageNet on the head's CPU.
-
-    ``SweepSpec.teacher_training`` is today a dataclass filled with defaults when the section is
-    absent (always truthy), so the spec file is consulted; once spec.py makes it
-    ``TeacherTrainingConfig | None = None`` the first test alone decides."""
-    tt = spec.teacher_training
-    if tt is None:
-        return None
-    if spec.source and os.path.isfile(spec.source):
-        import yaml
-
-        with open(spec.source) as f:
-            data = yaml.safe_load(f)
-        if isinstance(data, dict) and "teacher_training" not in data:
-            return None
-    return tt
+    spec must not start training a ResNet-34 on ImageNet on the head's CPU."""
+    return spec.teacher_training
 
 
 def _no_teacher_message(spec: SweepSpec) -> str:
@@ -324,9 +314,9 @@ def cmd_cache(args) -> int:
     ensure_teacher(spec)
     from orchestrator.sweep import init_ray
 
-    # On a cluster (RAY_ADDRESS, or --address where the parser offers it) the actors run on its
+    # On a cluster (--address or RAY_ADDRESS) the actors run on its
     # GPU nodes; otherwise a local instance, shut down after.
-    started = init_ray(getattr(args, "address", None), spec.resources.num_cpus)
+    started = init_ray(args.address, spec.resources.num_cpus)
     try:
         ensure_cache(spec, force=args.force)
     finally:
@@ -427,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--weights", help="import these existing weights as the teacher instead of training one")
     sp = spec_cmd("cache", "cache the teacher's logits and explanations (Parquet)", cmd_cache)
     sp.add_argument("--force", action="store_true", help="rebuild even if the cache exists")
+    sp.add_argument("--address", help="Ray cluster address (e.g. auto); default: RAY_ADDRESS or a local instance")
     sp = sub.add_parser("capacity", help="what the Ray cluster can have (autoscaler node types × max_workers) "
                                          "and how many trials of SPEC fit at once")
     sp.add_argument("spec", nargs="?", help="sweep spec (optional)")

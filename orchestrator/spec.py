@@ -185,7 +185,9 @@ class SweepSpec:
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    teacher_training: TeacherTrainingConfig = field(default_factory=TeacherTrainingConfig)
+    # How to train a missing teacher. None (the section absent, as in the cluster specs): a missing
+    # teacher is an error, never trained on the head's CPU by accident.
+    teacher_training: TeacherTrainingConfig | None = None
     source: str = ""  # the file the spec came from (not a YAML key)
 
     def __post_init__(self) -> None:

@@ -89,12 +89,12 @@ def _spec_without_recipe(tmp_path, teacher_path: str) -> str:
 
 def test_missing_teacher_without_recipe_is_refused_not_trained(tmp_path, monkeypatch):
     """A mistyped teacher.path in a spec that gives no teacher_training section must be refused
-    (naming teacher.path), never trained: SweepSpec fills in a default recipe, which is always truthy."""
+    (naming teacher.path), never trained (SweepSpec used to fill in a default recipe, always truthy)."""
     import dataclasses
 
     import trainables.teacher
     from orchestrator.cli import ensure_teacher, preflight
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import TeacherTrainingConfig, load_spec
 
     def no_training(*a, **k):
         raise AssertionError("train_teacher called for a spec without a teacher_training section")
@@ -109,16 +109,11 @@ def test_missing_teacher_without_recipe_is_refused_not_trained(tmp_path, monkeyp
         ensure_teacher(spec)
     with pytest.raises(ValueError, match="teacher_training"):
         ensure_teacher(spec, force=True)
-    # the same once spec.py makes the section optional (None when absent)
-    spec_none = dataclasses.replace(spec, teacher_training=None, source="")
-    with pytest.raises(FileNotFoundError, match="teacher.path"):
-        preflight(spec_none)
-    with pytest.raises(FileNotFoundError, match="teacher.path"):
-        ensure_teacher(spec_none)
+    assert spec.teacher_training is None  # the section absent: no recipe
     assert not os.path.exists(typo)
     # a spec that gives the section still gets its missing teacher trained (the quickstart path)
     trained = []
     monkeypatch.setattr(trainables.teacher, "train_teacher", lambda *a, **k: trained.append(a) or "card")
-    with_recipe = dataclasses.replace(spec, source="")  # no file to consult: the spec's own recipe
+    with_recipe = dataclasses.replace(spec, teacher_training=TeacherTrainingConfig())
     preflight(with_recipe)
     assert ensure_teacher(with_recipe) == "card" and trained[0][2] == typo
