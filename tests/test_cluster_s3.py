@@ -2,8 +2,10 @@
 
 The custom endpoint is given only as ``AWS_ENDPOINT_URL`` in the environment, the way boto3 and the
 AWS CLI read it; nothing else tells the product where S3 is. The sweep (``e2kd sweep`` in its own
-process, its own Ray instance under its own ``RAY_TMPDIR``) keeps Ray Tune's experiment state, the
-Ray Train checkpoints and the MLflow outboxes in the bucket.
+process, its own Ray instance under its own ``RAY_TMPDIR``) uses frozen teacher explanations
+(``teacher.mode: cached``) whose cache it builds with its Ray Data job straight into
+``teacher.cache_dir: s3://…``, and keeps Ray Tune's experiment state, the Ray Train checkpoints and
+the MLflow outboxes in the bucket.
 
 Checked:
 * the final student of every trial reaches MLflow and loads back with ``mlflow.pytorch.load_model``,
@@ -69,6 +71,7 @@ def test_s3_sweep_logs_students_and_resumes_from_the_bucket_alone(teacher_dir, s
     name = "s3-sweep"
     d = tiny_spec(work, teacher_dir, name, epochs=3, num_trials=2, max_concurrent_trials=2)
     d["storage"] = f"{bucket}/runs"
+    d["teacher"].update(mode="cached", cache_dir=f"{bucket}/cache")
     spec_path = os.path.join(work, "spec.yaml")
     with open(spec_path, "w") as f:
         yaml.safe_dump(d, f)
@@ -128,6 +131,8 @@ def test_s3_sweep_logs_students_and_resumes_from_the_bucket_alone(teacher_dir, s
         states = _trial_states(fs, f"{root}/{name}")
         assert len(states) == 2 and set(states.values()) == {"TERMINATED"}, states
         assert any(k.startswith(f"{name}/searcher-state-") for k in files), sorted(files)[:20]
+        cache = _bucket_files(fs, f"{bucket[len('s3://'):]}/cache")
+        assert "manifest.json" in cache and any(k.endswith(".parquet") for k in cache), sorted(cache)
         for t in states:
             assert any(k.startswith(f"{name}-train-{t}/checkpoint_") and k.endswith("state.pt") for k in files), t
             assert not [k for k in files if k.startswith(f"{name}-train-{t}/e2kd-mlflow-outbox/")], "unsent records"

@@ -346,6 +346,27 @@ class TestOnOneLocalRayInstance:
         assert "non-finite loss" in run.data.tags["e2kd.failure"]
 
 
+    def test_train_command_twice_trains_twice(self, tmp_path, teacher_dir, local_ray):
+        """A second `e2kd train` with other --set values trains its own run. (Before, every `e2kd
+        train` of a spec used the Train run name `<name>-train`, so the second resumed the first's
+        last checkpoint at the final epoch and trained nothing.)"""
+        from orchestrator import cli
+
+        d = tiny_spec(tmp_path, teacher_dir, "f-train-twice", epochs=2)
+        path = tmp_path / "train.yaml"
+        path.write_text(yaml.safe_dump(d))
+        assert cli.main(["train", str(path)]) == 0
+        assert cli.main(["train", str(path), "--set", "seed=1"]) == 0
+        client, runs = mlflow_runs(d["mlflow"]["tracking_uri"], "train")
+        assert len(runs) == 2
+        for run in runs:
+            assert run.info.status == "FINISHED"
+            assert [int(m.value) for m in client.get_metric_history(run.info.run_id, "epoch")] == [1, 2]
+            assert "student" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+        train_runs = [n for n in os.listdir(tmp_path / "runs") if n.startswith("f-train-twice-train-")]
+        assert len(train_runs) == 2, train_runs
+
     def test_unschedulable_on_a_connected_cluster_is_refused_before_anything_is_written(self, tmp_path, teacher_dir,
                                                                                        local_ray):
         from orchestrator.spec import spec_from_dict

@@ -223,3 +223,18 @@ def test_outbox_resend_is_idempotent_and_ordered(tmp_path):
     local = client.download_artifacts(run_id, "explanations.png", str(tmp_path / "dl"))
     with open(local, "rb") as f:
         assert f.read() == b"png1"  # the resent (oldest) record was sent last
+
+
+def test_git_commit_from_the_submitting_machine(tmp_path, monkeypatch):
+    """A cluster's copy of the project has no .git: E2KD_GIT_COMMIT (passed with the job) is what the
+    parent run records."""
+    from mlflow import MlflowClient
+
+    from orchestrator import tracking
+
+    monkeypatch.setenv("E2KD_GIT_COMMIT", "0123abcd" * 5)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = tracking.ensure_experiment(client, "git", str(tmp_path / "art"))
+    parent = tracking.create_parent(client, exp, "s", "", {})
+    assert client.get_run(parent).data.tags["mlflow.source.git.commit"] == "0123abcd" * 5
