@@ -335,7 +335,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         raise
     # Child runs the finaliser could not close (MLflow down at the time), also those of an earlier
     # run of a resumed sweep: their trials are over, so finish them now.
-    unsent = finalizer.finalize_leftovers(grid)
+    # (Tune's ResultGrid keeps the Trial objects only in a private attribute; its own counters use it.)
+    unsent = finalizer.finalize_leftovers(grid._experiment_analysis.trials)
     if unsent:
         log(f"[e2kd] MLflow {tracking.mask_uri(uri)} did not answer for {spec.mlflow.retry_s:g} s: {len(unsent)} trial "
             f"run(s) not finalised ({', '.join(unsent)}); their records stay in {storage}; run "

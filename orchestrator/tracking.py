@@ -411,28 +411,23 @@ class MlflowTrialFinalizer(ray.tune.Callback):
         self._attempt(trial.trial_id, trial.last_result, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        text = None
-        if trial.error_file and os.path.exists(trial.error_file):
-            with open(trial.error_file) as f:
-                text = f.read()
-        self._attempt(trial.trial_id, trial.last_result, "FAILED", text)
+        self._attempt(trial.trial_id, trial.last_result, "FAILED", _error_text(trial))
 
-    def finalize_leftovers(self, results) -> list[str]:
-        """Finalise the child runs still RUNNING whose trial has ended (``results``: Tune's
-        ResultGrid); returns the trial ids MLflow could not be told about within ``retry_s``."""
-        ended = {r.metrics.get("trial_id") if r.metrics else None: r for r in results}
+    def finalize_leftovers(self, trials) -> list[str]:
+        """Finalise the child runs still RUNNING whose trial has ended (TERMINATED or ERROR Tune
+        trials); returns the trial ids MLflow could not be told about within ``retry_s``."""
+        ended = {t.trial_id: t for t in trials if t.status in ("TERMINATED", "ERROR")}
 
         def leftovers() -> list[str]:
-            client = MlflowClient(self.tracking_uri)
-            runs = client.search_runs([self.exp_id], f"tags.`{TAG_PARENT}` = '{self.parent_id}' and "
-                                                     "attributes.status = 'RUNNING'")
+            runs = MlflowClient(self.tracking_uri).search_runs(
+                [self.exp_id], f"tags.`{TAG_PARENT}` = '{self.parent_id}' and attributes.status = 'RUNNING'")
             return [t for t in (r.data.tags.get(TAG_TRIAL) for r in runs) if t in ended]
 
         def finalize_all() -> None:
             for trial_id in leftovers():
-                r = ended[trial_id]
-                self.finalize(trial_id, r.metrics, "FAILED" if r.error else "FINISHED",
-                              None if r.error is None else f"{type(r.error).__name__}: {r.error}")
+                t = ended[trial_id]
+                self.finalize(trial_id, t.last_result, "FAILED" if t.status == "ERROR" else "FINISHED",
+                              _error_text(t) if t.status == "ERROR" else None)
 
         try:
             retry(finalize_all, "finalising trials", self.retry_s)
@@ -441,7 +436,14 @@ class MlflowTrialFinalizer(ray.tune.Callback):
             try:
                 return leftovers()
             except Exception:
-                return sorted(t for t in ended if t)
+                return sorted(ended)
+
+
+def _error_text(trial) -> str | None:
+    if trial.error_file and os.path.exists(trial.error_file):
+        with open(trial.error_file) as f:
+            return f.read()
+    return None
 
 
 def _transient(e: BaseException) -> bool:

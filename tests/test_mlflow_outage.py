@@ -238,3 +238,29 @@ def test_git_commit_from_the_submitting_machine(tmp_path, monkeypatch):
     exp = tracking.ensure_experiment(client, "git", str(tmp_path / "art"))
     parent = tracking.create_parent(client, exp, "s", "", {})
     assert client.get_run(parent).data.tags["mlflow.source.git.commit"] == "0123abcd" * 5
+
+
+def test_leftover_runs_are_finalised_only_for_ended_trials(tmp_path):
+    """At the end of a sweep (or on --resume), child runs left RUNNING while MLflow was down are closed
+    — but only for trials that ended: an interrupted trial keeps its run open for the resume."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from orchestrator import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = tracking.ensure_experiment(client, "left", str(tmp_path / "art"))
+    parent = tracking.create_parent(client, exp, "s", "", {})
+    runs = {t: tracking.get_or_create_child(uri, exp, parent, "s", t, params={}, tags={}) for t in ("done", "mid", "err")}
+    err_file = tmp_path / "error.txt"
+    err_file.write_text("RuntimeError: boom")
+    trials = [SimpleNamespace(trial_id="done", status="TERMINATED", last_result={}, error_file=None),
+              SimpleNamespace(trial_id="mid", status="PENDING", last_result={"epoch": 1}, error_file=None),
+              SimpleNamespace(trial_id="err", status="ERROR", last_result={}, error_file=str(err_file))]
+    fin = tracking.MlflowTrialFinalizer(uri, exp, parent, str(tmp_path / "runs"), "s", retry_s=0)
+    assert fin.finalize_leftovers(trials) == []
+    status = {t: client.get_run(r).info.status for t, r in runs.items()}
+    assert status == {"done": "FAILED", "mid": "RUNNING", "err": "FAILED"}, status  # "done" has no checkpoint
+    assert "boom" in client.get_run(runs["err"]).data.tags["e2kd.error"]
