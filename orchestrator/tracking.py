@@ -345,13 +345,20 @@ class MlflowEpochCallback(ray.train.UserCallback):
                     artifacts[PNG_NAME] = f.read()
             except (FileNotFoundError, OSError):
                 pass
-        Outbox(self.outbox).put(self.run_id, batch, artifacts)
+        self._put(batch, artifacts)
+
+    def _put(self, metrics: list[Metric] = (), artifacts: dict[str, bytes] | None = None,
+             tags: dict[str, str] | None = None) -> None:
+        try:  # a storage blip is retried; a longer storage outage costs these records, never the run
+            retry(lambda: Outbox(self.outbox).put(self.run_id, metrics, artifacts, tags),
+                  "buffering an epoch record", 120.0)
+        except Exception as e:
+            print(f"[e2kd] could not buffer an MLflow record in {mask_uri(self.outbox)}: {mask_uri(str(e))[:300]}")
         self._kick()
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         first = next(iter(worker_exceptions.values()), None)
-        Outbox(self.outbox).put(self.run_id, tags={"e2kd.last_error": f"{type(first).__name__}: {first}"[:5000]})
-        self._kick()
+        self._put(tags={"e2kd.last_error": mask_uri(f"{type(first).__name__}: {first}")[:5000]})
 
 
 class MlflowTrialFinalizer(ray.tune.Callback):
