@@ -211,7 +211,7 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
 
 def concurrency(spec: SweepSpec, capacity: Capacity | None = None) -> int:
     """How many trials fit at once: for each resource a trial holds, what the cluster can have /
-    one trial's need (ray-notes §1.4). Tune does not know about the Train placement groups, so
+    one trial's need (Ray's advice for Tune over Train). Tune does not know about the Train placement groups, so
     without this limit surplus trials would start and wait for workers that never come."""
     r = spec.resources
     if r.max_concurrent_trials:

@@ -36,6 +36,8 @@ import ray.tune
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from trainables import storage as storage_fs
+
 TAG_SWEEP = "e2kd.sweep"
 TAG_ROLE = "e2kd.role"
 TAG_TRIAL = "e2kd.trial_id"
@@ -202,20 +204,10 @@ def retry(fn: Callable[[], T], what: str, budget_s: float, log: Callable[[str], 
             wait = min(30.0, wait * 2)
 
 
-def _filesystem(uri: str):
-    """(pyarrow filesystem, path) for a local path or a URI (s3://…: ``FileSystem.from_uri`` reads
-    AWS_ENDPOINT_URL for custom endpoints, a bare S3FileSystem() would not)."""
-    import pyarrow.fs as pafs
-
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
 def storage_filesystem(storage: str):
     """The filesystem of a sweep's ``storage``: Ray Train checkpoint paths reported to Tune carry no
     scheme (``bucket/prefix/...`` on S3), so they are only meaningful together with it."""
-    return _filesystem(storage)[0]
+    return storage_fs.filesystem(storage)[0]
 
 
 class Outbox:
@@ -232,7 +224,7 @@ class Outbox:
 
     def put(self, run_id: str, metrics: list[Metric] = (), artifacts: dict[str, bytes] | None = None,
             tags: dict[str, str] | None = None) -> None:
-        fs, root = _filesystem(self.uri)
+        fs, root = storage_fs.filesystem(self.uri)
         fs.create_dir(root, recursive=True)
         stem = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         files = {}
@@ -250,7 +242,7 @@ class Outbox:
     def pending(self) -> list[str]:
         import pyarrow.fs as pafs
 
-        fs, root = _filesystem(self.uri)
+        fs, root = storage_fs.filesystem(self.uri)
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")
                       and not i.base_name.startswith("."))
@@ -258,7 +250,7 @@ class Outbox:
     def drain(self, client: MlflowClient) -> int:
         """Send every pending record; returns how many were sent. Raises on the first MLflow error
         (what is left stays for the next drain)."""
-        fs, root = _filesystem(self.uri)
+        fs, root = storage_fs.filesystem(self.uri)
         sent = 0
         for path in self.pending():
             with fs.open_input_stream(path) as f:

@@ -1,4 +1,4 @@
-"""e²KD losses (``../shared/e2kd-method.md``):
+"""e²KD losses (Parchami-Araghi et al., "Good Teachers Explain", ECCV 2024):
 
     L = c_gt · CE(z_S, y) + τ² · KL(softmax(z_T/τ) ‖ softmax(z_S/τ)) + λ · mean_i[1 − cos(E_T,i, E_S,i)]
 

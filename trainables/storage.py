@@ -6,8 +6,8 @@ in the CLI, in the Ray Data job and in the Ray Train workers.
 
 Endpoint and credentials come only from the environment the ecosystem reads (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ...): :func:`filesystem` builds every store filesystem with
-``pyarrow.fs.FileSystem.from_uri``, which honours them; a bare ``S3FileSystem()`` does not
-(ray-notes §9.3). Nothing here prints or stores a credential.
+``pyarrow.fs.FileSystem.from_uri``, which honours them; a bare ``S3FileSystem()`` does not.
+Nothing here prints or stores a credential.
 
 Atomicity: a local file is written to a temp file and renamed over the target; an object store
 has no rename, but one PUT (or one completed multipart upload) is atomic per object. Callers that
