@@ -331,6 +331,7 @@ def cmd_capacity(args) -> int:
     """What the connected cluster can have; with --publish, record the autoscaler's node types first."""
     import ray
 
+    from orchestrator import tracking
     from orchestrator.cluster import cluster_capacity, publish_autoscaler_config
     from orchestrator.sweep import concurrency, start_timeout_s
 
@@ -338,7 +339,8 @@ def cmd_capacity(args) -> int:
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError) as e:
-        raise ConnectionError(f"--address {address}: no Ray cluster to connect to ({e})") from None
+        raise ConnectionError(f"--address {tracking.mask_uri(address)}: no Ray cluster to connect to "
+                              f"({tracking.mask_uri(str(e))})") from None
     try:
         if args.publish:
             publish_autoscaler_config(args.publish)
