@@ -3,7 +3,8 @@
 The custom endpoint is given only as ``AWS_ENDPOINT_URL`` in the environment, the way boto3 and the
 AWS CLI read it; nothing else tells the product where S3 is. The sweep (``e2kd sweep`` in its own
 process, its own Ray instance under its own ``RAY_TMPDIR``) uses frozen teacher explanations
-(``teacher.mode: cached``) whose cache it builds with its Ray Data job straight into
+(``teacher.mode: cached``) of a teacher stored in the bucket (``teacher.path: s3://…``, which each
+node downloads once and verifies), whose cache it builds with its Ray Data job straight into
 ``teacher.cache_dir: s3://…``, and keeps Ray Tune's experiment state, the Ray Train checkpoints and
 the MLflow outboxes in the bucket.
 
@@ -71,13 +72,15 @@ def test_s3_sweep_logs_students_and_resumes_from_the_bucket_alone(teacher_dir, s
     name = "s3-sweep"
     d = tiny_spec(work, teacher_dir, name, epochs=3, num_trials=2, max_concurrent_trials=2)
     d["storage"] = f"{bucket}/runs"
-    d["teacher"].update(mode="cached", cache_dir=f"{bucket}/cache")
+    fs, root = pafs.FileSystem.from_uri(f"{bucket}/runs")  # AWS_ENDPOINT_URL from s3_env
+    pafs.copy_files(teacher_dir, f"{bucket[len('s3://'):]}/teacher", destination_filesystem=fs)
+    d["teacher"].update(path=f"{bucket}/teacher", mode="cached", cache_dir=f"{bucket}/cache")
     spec_path = os.path.join(work, "spec.yaml")
     with open(spec_path, "w") as f:
         yaml.safe_dump(d, f)
     uri = d["mlflow"]["tracking_uri"]
-    fs, root = pafs.FileSystem.from_uri(f"{bucket}/runs")  # AWS_ENDPOINT_URL from s3_env
-    env = {**os.environ, "RAY_TMPDIR": work, "PYTHONUNBUFFERED": "1"}
+    # Each node's verified copy of a stored teacher goes here (default ~/.cache/e2kd).
+    env = {**os.environ, "RAY_TMPDIR": work, "PYTHONUNBUFFERED": "1", "E2KD_LOCAL_CACHE": os.path.join(work, "cache")}
     procs = []
     log1, log2 = os.path.join(work, "first.log"), os.path.join(work, "resume.log")
     try:
@@ -131,6 +134,8 @@ def test_s3_sweep_logs_students_and_resumes_from_the_bucket_alone(teacher_dir, s
         states = _trial_states(fs, f"{root}/{name}")
         assert len(states) == 2 and set(states.values()) == {"TERMINATED"}, states
         assert any(k.startswith(f"{name}/searcher-state-") for k in files), sorted(files)[:20]
+        # The teacher came from the bucket: this node's verified copy of it.
+        assert glob.glob(os.path.join(work, "cache", "teachers", "**", "teacher.pt"), recursive=True), os.listdir(work)
         cache = _bucket_files(fs, f"{bucket[len('s3://'):]}/cache")
         assert "manifest.json" in cache and any(k.endswith(".parquet") for k in cache), sorted(cache)
         for t in states:
