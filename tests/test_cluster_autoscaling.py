@@ -66,7 +66,8 @@ import uuid
 import pytest
 import yaml
 
-from test_cluster_multinode import _free_ports, _kill_leftovers, _kill_tree, _tail, _try_client, _wait
+from test_cluster_multinode import (Spawner, _free_ports, _kill_leftovers, _kill_tree, _print_job_logs, _stop_job,
+                                     _tail, _try_client, _wait)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -202,18 +203,11 @@ def test_autoscaling_cluster_cold_start_sweep():
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0",
                PYTHONUNBUFFERED="1")
 
-    procs: dict[str, subprocess.Popen] = {}
-    logs: dict[str, str] = {}
+    spawn = Spawner(work, env)
+    procs, logs = spawn.procs, spawn.logs
     client = None
     submission_id = None
     failed = False
-
-    def spawn(name: str, cmd: list[str], **extra_env: str) -> subprocess.Popen:
-        logs[name] = os.path.join(work, f"{name}.log")
-        with open(logs[name], "w") as out:
-            procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**env, **extra_env},
-                                           cwd=work, start_new_session=True)
-        return procs[name]
 
     try:
         gcs, dash, client_port, *p = _free_ports(9)
@@ -397,19 +391,10 @@ def test_autoscaling_cluster_cold_start_sweep():
             print(f"----- {n} log (tail) -----\n{_tail(path)}")
         for path in sorted(glob.glob(os.path.join(temp_dir, "session_*", "logs", "monitor.*")))[:4]:
             print(f"----- {os.path.basename(path)} (tail) -----\n{_tail(path, 30)}")
-        if client is not None and submission_id is not None:
-            try:
-                print(f"----- job {submission_id} logs (tail) -----\n{client.get_job_logs(submission_id)[-8000:]}")
-            except Exception as e:
-                print(f"(job logs unavailable: {e})")
+        _print_job_logs(client, submission_id)
         raise
     finally:
-        if client is not None and submission_id is not None:
-            try:
-                if client.get_job_status(submission_id) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-                    client.stop_job(submission_id)
-            except Exception:
-                pass
+        _stop_job(client, submission_id)
         if "head" in procs:
             _kill_tree(procs["head"])  # SIGTERM: `ray start --block` stops the head's processes
         time.sleep(1)

@@ -184,6 +184,42 @@ def _kill_leftovers(marker: str) -> list[int]:
     return killed
 
 
+class Spawner:
+    """Starts this test's own processes, each in its own session (so its whole process group can be
+    killed) with its output in ``<work>/<name>.log``; keeps them by name."""
+
+    def __init__(self, work: str, env: dict[str, str]):
+        self.work, self.env = work, env
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, str] = {}
+
+    def __call__(self, name: str, cmd: list[str], **extra_env: str) -> subprocess.Popen:
+        self.logs[name] = os.path.join(self.work, f"{name}.log")
+        with open(self.logs[name], "w") as out:
+            self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                                env={**self.env, **extra_env}, cwd=self.work, start_new_session=True)
+        return self.procs[name]
+
+
+def _print_job_logs(client, submission_id: str | None) -> None:
+    """On failure: the tail of a submitted job's output, if the job API still answers."""
+    if client is not None and submission_id is not None:
+        try:
+            print(f"----- job {submission_id} logs (tail) -----\n{client.get_job_logs(submission_id)[-8000:]}")
+        except Exception as e:
+            print(f"(job logs unavailable: {e})")
+
+
+def _stop_job(client, submission_id: str | None) -> None:
+    """Stop a submitted job that is still running (before its cluster is torn down)."""
+    if client is not None and submission_id is not None:
+        try:
+            if client.get_job_status(submission_id) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+                client.stop_job(submission_id)
+        except Exception:
+            pass
+
+
 def _tail(path: str, n: int = 40) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -244,19 +280,12 @@ def test_two_node_cluster_job_sweep_spreads_workers():
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0",
                RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="240", PYTHONUNBUFFERED="1")
 
-    procs: dict[str, subprocess.Popen] = {}
-    logs: dict[str, str] = {}
+    spawn = Spawner(work, env)
+    procs, logs = spawn.procs, spawn.logs
     netns = None
     client = None
     submission_id = None
     failed = False
-
-    def spawn(name: str, cmd: list[str], **extra_env: str) -> subprocess.Popen:
-        logs[name] = os.path.join(work, f"{name}.log")
-        with open(logs[name], "w") as out:
-            procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**env, **extra_env},
-                                           cwd=work, start_new_session=True)
-        return procs[name]
 
     try:
         netns = _try_netns()
@@ -395,19 +424,10 @@ def test_two_node_cluster_job_sweep_spreads_workers():
         failed = True
         for n, path in logs.items():
             print(f"----- {n} log (tail) -----\n{_tail(path)}")
-        if client is not None and submission_id is not None:
-            try:
-                print(f"----- job {submission_id} logs (tail) -----\n{client.get_job_logs(submission_id)[-8000:]}")
-            except Exception as e:
-                print(f"(job logs unavailable: {e})")
+        _print_job_logs(client, submission_id)
         raise
     finally:
-        if client is not None and submission_id is not None:
-            try:
-                if client.get_job_status(submission_id) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-                    client.stop_job(submission_id)
-            except Exception:
-                pass
+        _stop_job(client, submission_id)
         for p_ in procs.values():  # SIGTERM all first: they shut down in parallel
             if p_.poll() is None:
                 p_.send_signal(signal.SIGTERM)
