@@ -86,7 +86,9 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
             raise ConnectionError(f"{field}: cannot read {path}: {e}") from None
 
     have_teacher = probe("teacher.path", t.teacher.path, teacher_exists)
-    if need_teacher and not have_teacher and _teacher_recipe(spec) is None:
+    # Only a spec that says how to train its teacher gets one trained: a mistyped teacher.path in a
+    # cluster spec must not start training a ResNet-34 on ImageNet on the head's CPU.
+    if need_teacher and not have_teacher and spec.teacher_training is None:
         raise FileNotFoundError(_no_teacher_message(spec))
     if (t.teacher.mode == "cached" and have_teacher
             and probe("teacher.cache_dir", t.teacher.cache_dir,
@@ -103,13 +105,6 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
         except CacheError as e:
             raise CacheError(f"teacher.cache_dir: {e}; rebuild it with `e2kd cache {spec.source} --force`") from None
     tracking.check_reachable(tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri))
-
-
-def _teacher_recipe(spec: SweepSpec):
-    """The spec's ``teacher_training`` section, or None when the spec gives none. Only a spec that
-    says how to train its teacher gets one trained for it: a mistyped teacher.path in a cluster
-    spec must not start training a ResNet-34 on ImageNet on the head's CPU."""
-    return spec.teacher_training
 
 
 def _no_teacher_message(spec: SweepSpec) -> str:
@@ -132,7 +127,7 @@ def ensure_teacher(spec: SweepSpec, force: bool = False):
         acc = "n/a" if card.test_accuracy is None else f"{card.test_accuracy:.3f}"
         print(f"[e2kd] teacher: {t.teacher.path} ({card.arch}, test accuracy {acc})")
         return card
-    tt = _teacher_recipe(spec)
+    tt = spec.teacher_training
     if tt is None:
         if force:
             raise ValueError(f"teacher_training: `--force` retrains the teacher in {t.teacher.path}, but the spec "

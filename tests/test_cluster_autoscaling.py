@@ -55,7 +55,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -66,8 +65,10 @@ import uuid
 import pytest
 import yaml
 
+from test_cluster_multinode import EPOCHS, NUM_TRIALS  # the tiny sweep's shape (write_tiny_spec)
 from test_cluster_multinode import (Spawner, _free_ports, _kill_leftovers, _kill_tree, _print_job_logs, _stop_job,
-                                     _tail, _try_client, _wait)
+                                    _tail, _token_file, _try_client, _wait)
+from test_cluster_multinode import _write_spec as write_tiny_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -75,8 +76,6 @@ BIN = os.path.dirname(sys.executable)  # the venv's bin: absolute paths, the clu
 DELAY_S = float(os.environ.get("E2KD_AUTOSCALING_DELAY_S", "75"))
 JOB_TIMEOUT_S = int(os.environ.get("E2KD_AUTOSCALING_JOB_TIMEOUT_S", "420"))
 TRAIN_DEFAULT_START_TIMEOUT_S = 60.0  # ray.train.v2._internal.constants.DEFAULT_WORKER_GROUP_START_TIMEOUT_S
-NUM_TRIALS = 2
-EPOCHS = 2
 MAX_ACCEL_NODES = 2
 TIMEOUT_PATTERNS = ("WorkerGroupStartupTimeoutError", "worker group startup timed out")
 
@@ -121,20 +120,12 @@ def _autoscaler_config(gcs_port: int) -> dict:
 
 
 def _write_spec(work: str, teacher_dir: str, name: str, accel_per_worker: float, experiment: str) -> str:
-    with open(os.path.join(ROOT, "sweeps", "quickstart.yaml")) as f:
-        d = yaml.safe_load(f)
-    d.update(name=name, storage=os.path.join(work, "runs"), epochs=EPOCHS, batch_size=20)
-    d["data"].update(shots=3)
-    d["teacher"].update(path=teacher_dir)
-    d["search"].update(num_trials=NUM_TRIALS, scheduler="none", n_startup_trials=1,
-                       space={"loss.lam": {"type": "loguniform", "low": 0.5, "high": 5.0}})
-    d["resources"] = {"workers_per_trial": 1, "cpus_per_worker": 1, "driver_cpus": 0.25,
-                      "worker_resources": {"accel": accel_per_worker}}
-    d["mlflow"] = {"tracking_uri": "sqlite:///overridden-by-the-command-line.db", "experiment": experiment}
-    path = os.path.join(work, f"{name}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(d, f)
-    return path
+    """The multinode test's tiny sweep, one worker per trial needing ``accel_per_worker`` accel."""
+    return write_tiny_spec(work, teacher_dir, name,
+                           resources={"workers_per_trial": 1, "cpus_per_worker": 1, "driver_cpus": 0.25,
+                                      "worker_resources": {"accel": accel_per_worker}},
+                           mlflow={"tracking_uri": "sqlite:///overridden-by-the-command-line.db",
+                                   "experiment": experiment})
 
 
 def _our_processes(marker: str, needle: str) -> list[str]:
@@ -188,12 +179,7 @@ def test_autoscaling_cluster_cold_start_sweep():
     # the marker by which the teardown finds every process of this cluster.
     work = tempfile.mkdtemp(prefix="e2kdas-", dir="/tmp")
     temp_dir = os.path.join(work, "t")
-    token = secrets.token_hex(32)
-    token_path = os.path.join(work, "auth_token")
-    with open(token_path, "w") as f:
-        f.write(token)
-    os.chmod(token_path, 0o600)
-    auth = {"Authorization": f"Bearer {token}"}
+    token_path, auth = _token_file(work)
     tracking_uri = f"sqlite:///{work}/mlflow.db"
     experiment = "e2kd-autoscaling"
 

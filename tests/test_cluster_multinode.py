@@ -201,6 +201,17 @@ class Spawner:
         return self.procs[name]
 
 
+def _token_file(work: str) -> tuple[str, dict[str, str]]:
+    """A fresh Ray auth token of this test's own (``~/.ray/auth_token`` is left alone), readable by
+    us only: (its path for RAY_AUTH_TOKEN_PATH, the HTTP header for the dashboard APIs)."""
+    token = secrets.token_hex(32)
+    path = os.path.join(work, "auth_token")
+    with open(path, "w") as f:
+        f.write(token)
+    os.chmod(path, 0o600)
+    return path, {"Authorization": f"Bearer {token}"}
+
+
 def _print_job_logs(client, submission_id: str | None) -> None:
     """On failure: the tail of a submitted job's output, if the job API still answers."""
     if client is not None and submission_id is not None:
@@ -239,7 +250,10 @@ def _train_teacher(out: str) -> str:
     return out
 
 
-def _write_spec(work: str, teacher_dir: str, name: str) -> str:
+def _write_spec(work: str, teacher_dir: str, name: str, resources: dict | None = None,
+                mlflow: dict | None = None) -> str:
+    """A tiny quickstart sweep (2 trials, 2 epochs, 3 shots) named ``name`` in ``<work>/<name>.yaml``;
+    the tracking URI is always given on the command line."""
     with open(os.path.join(ROOT, "sweeps", "quickstart.yaml")) as f:
         d = yaml.safe_load(f)
     d.update(name=name, storage=os.path.join(work, "runs"), epochs=EPOCHS, batch_size=20)
@@ -247,9 +261,9 @@ def _write_spec(work: str, teacher_dir: str, name: str) -> str:
     d["teacher"].update(path=teacher_dir)
     d["search"].update(num_trials=NUM_TRIALS, scheduler="none", n_startup_trials=1,
                        space={"loss.lam": {"type": "loguniform", "low": 0.5, "high": 5.0}})
-    d["resources"] = {"workers_per_trial": 2, "cpus_per_worker": 1, "driver_cpus": 0.25}
-    d["mlflow"] = {"tracking_uri": "http://overridden-by-the-command-line:5000", "experiment": "e2kd-multinode"}
-    path = os.path.join(work, "spec.yaml")
+    d["resources"] = resources or {"workers_per_trial": 2, "cpus_per_worker": 1, "driver_cpus": 0.25}
+    d["mlflow"] = mlflow or {"tracking_uri": "http://overridden-by-the-command-line:5000", "experiment": "e2kd-multinode"}
+    path = os.path.join(work, f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(d, f)
     return path
@@ -269,12 +283,7 @@ def test_two_node_cluster_job_sweep_spreads_workers():
     t_start = time.time()
     # Short path: Ray's unix sockets live under the temp dir (108-byte limit).
     work = tempfile.mkdtemp(prefix="e2kdmn-", dir="/tmp")
-    token = secrets.token_hex(32)
-    token_path = os.path.join(work, "auth_token")
-    with open(token_path, "w") as f:
-        f.write(token)
-    os.chmod(token_path, 0o600)
-    auth = {"Authorization": f"Bearer {token}"}
+    token_path, auth = _token_file(work)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "MLFLOW_"))}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, RAY_USAGE_STATS_ENABLED="0",

@@ -26,13 +26,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import uuid
 
 import pytest
 import yaml
 from conftest import make_bucket
-from test_faults import E2KD, _kill_ours, mlflow_runs, tiny_spec
+from test_faults import E2KD, _kill_ours, end_sweeps, first_finished_trial, mlflow_runs, tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -88,18 +87,7 @@ def test_s3_sweep_logs_students_and_resumes_from_the_bucket_alone(teacher_dir, s
             first = subprocess.Popen([E2KD, "sweep", spec_path], cwd=work, env=env, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(first)
-        deadline, finished = time.time() + 420, None
-        while time.time() < deadline and first.poll() is None and finished is None:
-            time.sleep(0.5)
-            if f"[e2kd] sweep '{name}'" not in open(log1).read():
-                continue
-            try:
-                _, children = mlflow_runs(uri, "trial")
-            except Exception:
-                continue
-            done = {t for t, s in _trial_states(fs, f"{root}/{name}").items() if s == "TERMINATED"}
-            finished = next((c for c in children if c.info.status == "FINISHED"
-                             and c.data.tags["e2kd.trial_id"] in done), None)
+        finished = first_finished_trial(first, log1, name, uri, lambda: _trial_states(fs, f"{root}/{name}"), 420)
         assert finished is not None, "no trial finished:\n" + open(log1).read()[-4000:]
         assert first.poll() is None, "the sweep ended before it could be killed:\n" + open(log1).read()[-3000:]
         fin_id = finished.data.tags["e2kd.trial_id"]
@@ -165,9 +153,4 @@ def test_s3_sweep_logs_students_and_resumes_from_the_bucket_alone(teacher_dir, s
                 torch.testing.assert_close(logged.eval()(x), ref.eval()(x))
         print(f"[s3] {len(files)} objects in the bucket; finished trial {fin_id} kept, resume from the bucket OK")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(30)
-            _kill_ours(work, p.pid)
-        shutil.rmtree(work, ignore_errors=True)
+        end_sweeps(procs, work)

@@ -426,6 +426,17 @@ def _kill_ours(marker: str, pgid: int) -> None:
         time.sleep(1)
 
 
+def end_sweeps(procs: list[subprocess.Popen], work: str) -> None:
+    """Teardown of `e2kd sweep` processes started in their own sessions: SIGKILL what still runs,
+    then every Ray process they started (found by ``work``, their RAY_TMPDIR); ``work`` removed."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(30)
+        _kill_ours(work, p.pid)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def _trial_states(exp_dir: str) -> dict[str, str]:
     states = {}
     for path in sorted(glob.glob(os.path.join(exp_dir, "experiment_state-*.json")))[-1:]:
@@ -438,6 +449,27 @@ def _trial_states(exp_dir: str) -> dict[str, str]:
             t = json.loads(trial_json)
             states[t["trial_id"]] = t["status"]
     return states
+
+
+def first_finished_trial(proc: subprocess.Popen, log: str, name: str, uri: str, states, timeout_s: float):
+    """Poll a running `e2kd sweep` until one of its trials is over both in Tune's experiment state
+    (``states()`` -> {trial_id: status}) and in MLflow (its child run FINISHED; the parent exists
+    once the sweep line is printed). Returns that child run, or None if the sweep exited or
+    ``timeout_s`` passed first."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if f"[e2kd] sweep '{name}'" not in open(log).read():
+            continue
+        done = {t for t, st in states().items() if st == "TERMINATED"}
+        try:
+            _, children = mlflow_runs(uri, "trial")
+        except Exception:  # store busy: poll again
+            continue
+        child = next((c for c in children if c.info.status == "FINISHED" and c.data.tags["e2kd.trial_id"] in done), None)
+        if child is not None:
+            return child
+    return None
 
 
 def _digest_tree(path: str) -> dict[str, str]:
@@ -471,28 +503,16 @@ def test_driver_killed_then_resume_reruns_nothing(teacher_dir):
             first = subprocess.Popen([E2KD, "sweep", spec_path], cwd=work, env=env, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(first)
-        # Wait until one trial has finished: Tune's experiment state says TERMINATED and the
-        # MLflow child run is closed (the parent run exists once the sweep line is printed).
-        deadline, finished = time.time() + 400, None
-        while time.time() < deadline and first.poll() is None and finished is None:
-            time.sleep(0.5)
-            if "[e2kd] sweep 'f-driver'" not in open(log1).read():
-                continue
-            done = [t for t, s in _trial_states(exp_dir).items() if s == "TERMINATED"]
-            try:
-                _, children = mlflow_runs(uri, "trial")
-            except Exception:
-                continue
-            closed = {c.data.tags["e2kd.trial_id"]: c for c in children if c.info.status == "FINISHED"}
-            finished = next((t for t in done if t in closed), None)
-        assert finished, "no trial finished:\n" + open(log1).read()[-3000:]
+        child = first_finished_trial(first, log1, "f-driver", uri, lambda: _trial_states(exp_dir), 400)
+        assert child is not None, "no trial finished:\n" + open(log1).read()[-3000:]
+        finished = child.data.tags["e2kd.trial_id"]
         say(f"trial {finished} finished; killing the driver")
         assert first.poll() is None, "the sweep ended before it could be killed"
         client, (parent,) = mlflow_runs(uri, "parent")
         result_json = glob.glob(os.path.join(exp_dir, f"*{finished}*", "result.json"))[0]
         before = {"result": _digest_tree(os.path.dirname(result_json)),
                   "train": _digest_tree(os.path.join(work, "runs", f"f-driver-train-{finished}")),
-                  "history": [(m.step, m.value) for m in client.get_metric_history(closed[finished].info.run_id,
+                  "history": [(m.step, m.value) for m in client.get_metric_history(child.info.run_id,
                                                                                      "val_agreement")]}
 
         os.killpg(first.pid, signal.SIGKILL)  # the driver, mid-sweep, without warning
@@ -513,7 +533,7 @@ def test_driver_killed_then_resume_reruns_nothing(teacher_dir):
         # Finished trial: not rerun (same result files, same Train run directory, same history).
         assert _digest_tree(os.path.dirname(result_json)) == before["result"]
         assert _digest_tree(os.path.join(work, "runs", f"f-driver-train-{finished}")) == before["train"]
-        assert [(m.step, m.value) for m in client.get_metric_history(closed[finished].info.run_id,
+        assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id,
                                                                       "val_agreement")] == before["history"]
         # Every trial finished, exactly as many as asked for.
         states = _trial_states(exp_dir)
@@ -531,12 +551,7 @@ def test_driver_killed_then_resume_reruns_nothing(teacher_dir):
         assert {c.info.status for c in children} == {"FINISHED"}
         assert "e2kd.restarts" not in next(c for c in children if c.data.tags["e2kd.trial_id"] == finished).data.tags
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(30)
-            _kill_ours(work, p.pid)
-        shutil.rmtree(work, ignore_errors=True)
+        end_sweeps(procs, work)
 
 
 # ------------------------------------ node loss ----------------------------------------------

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import make_bucket
+from test_teacher import spec_file
 
 from trainables import storage
 from trainables.data import DataConfig
@@ -143,20 +143,6 @@ def test_ray_data_job_writes_cache_to_s3_same_as_local(s3_env, tmp_path, teacher
     assert torch.allclose(ia["teacher_map"], ib["teacher_map"], atol=2e-3 * ib["teacher_map"].abs().max())
 
 
-def _spec_file(tmp_path, teacher_path: str, with_recipe: bool, **teacher) -> str:
-    with open(QUICKSTART) as f:
-        d = yaml.safe_load(f)
-    if not with_recipe:
-        d.pop("teacher_training", None)
-    d["teacher"].update(path=teacher_path, **teacher)
-    d["storage"] = str(tmp_path / "runs")
-    d["resources"].update(workers_per_trial=1, num_cpus=2)
-    d["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "s3"}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return str(path)
-
-
 def test_preflight_accepts_an_s3_teacher_without_training(s3_env, tmp_path, teacher_dir, monkeypatch):
     import trainables.teacher
     from orchestrator.cli import ensure_teacher, preflight
@@ -165,7 +151,7 @@ def test_preflight_accepts_an_s3_teacher_without_training(s3_env, tmp_path, teac
     bucket = make_bucket(s3_env, "preflight")
     model, card = load_teacher(teacher_dir)
     save_teacher(model, "small_cnn", DataConfig(name="digits"), f"{bucket}/teachers/t")
-    spec_data = load_spec(_spec_file(tmp_path, f"{bucket}/teachers/t", True)).train.data
+    spec_data = load_spec(spec_file(tmp_path, f"{bucket}/teachers/t", True)).train.data
     build_cache_local(f"{bucket}/teachers/t", spec_data, "gradcam", f"{bucket}/caches/c")
 
     def no_training(*a, **k):
@@ -173,13 +159,13 @@ def test_preflight_accepts_an_s3_teacher_without_training(s3_env, tmp_path, teac
 
     monkeypatch.setattr(trainables.teacher, "train_teacher", no_training)
     for recipe in (True, False):
-        spec = load_spec(_spec_file(tmp_path, f"{bucket}/teachers/t", recipe, mode="cached",
+        spec = load_spec(spec_file(tmp_path, f"{bucket}/teachers/t", recipe, mode="cached",
                                     cache_dir=f"{bucket}/caches/c"))
         assert spec.train.teacher.path == f"{bucket}/teachers/t"  # not made "absolute" as a local path
         preflight(spec)  # teacher found on s3, cache manifest checked against it
         assert ensure_teacher(spec).sha256 == card.sha256
     # the s3 cache is checked against the spec like a local one
-    spec = load_spec(_spec_file(tmp_path, f"{bucket}/teachers/t", True, mode="cached", cache_dir=f"{bucket}/caches/c"))
+    spec = load_spec(spec_file(tmp_path, f"{bucket}/teachers/t", True, mode="cached", cache_dir=f"{bucket}/caches/c"))
     spec = dataclasses.replace(spec, train=dataclasses.replace(
         spec.train, loss=dataclasses.replace(spec.train.loss, explainer="gradcam_autograd")))
     with pytest.raises(CacheError, match="teacher.cache_dir.*explainer"):

@@ -70,15 +70,17 @@ def test_bcos_teacher_card(tmp_path):
     assert c.encoding == "bcos6" and model.is_bcos and card.test_accuracy is None
 
 
-def _spec_without_recipe(tmp_path, teacher_path: str) -> str:
-    """quickstart.yaml with no teacher_training section (as the cluster specs) and ``teacher_path``."""
+def spec_file(tmp_path, teacher_path: str, with_recipe: bool, **teacher) -> str:
+    """quickstart.yaml with ``teacher_path`` (and other teacher fields), with or without its
+    teacher_training section (the cluster specs have none), written to ``tmp_path/spec.yaml``."""
     import yaml
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "sweeps", "quickstart.yaml")) as f:
         d = yaml.safe_load(f)
-    d.pop("teacher_training")
-    d["teacher"]["path"] = teacher_path
+    if not with_recipe:
+        d.pop("teacher_training", None)
+    d["teacher"].update(path=teacher_path, **teacher)
     d["storage"] = str(tmp_path / "runs")
     d["resources"].update(workers_per_trial=1, num_cpus=2)
     d["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "recipe"}
@@ -101,7 +103,7 @@ def test_missing_teacher_without_recipe_is_refused_not_trained(tmp_path, monkeyp
 
     monkeypatch.setattr(trainables.teacher, "train_teacher", no_training)
     typo = str(tmp_path / "teachers" / "digits-smal_cnn")
-    spec = load_spec(_spec_without_recipe(tmp_path, typo))
+    spec = load_spec(spec_file(tmp_path, typo, with_recipe=False))
     with pytest.raises(FileNotFoundError, match="teacher.path") as e:
         preflight(spec)
     assert typo in str(e.value) and "teacher_training" in str(e.value)
