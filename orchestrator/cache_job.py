@@ -18,7 +18,7 @@ uploads. Hashing the objects as stored costs one streamed read of the cache (no 
 memory, in parallel for a store), and it is exactly what :func:`open_cache` verifies later, so it
 also proves the upload arrived whole.
 
-Pool size comes from what the cluster *can* have (:func:`orchestrator.sweep.cluster_capacity`): on
+Pool size comes from what the cluster *can* have (:func:`orchestrator.cluster.cluster_capacity`): on
 an autoscaling cluster the pool starts at one actor and grows to the capacity as nodes come up
 (``ActorPoolStrategy(min_size=1, max_size=N)``); it refuses only when even the capacity has no GPU.
 GPU: ``use_gpu=True`` gives each actor ``num_gpus=1``. CPU: actors take ``cpus_per_actor`` each and
@@ -59,7 +59,7 @@ class _TeacherActor:
 def _pool_bounds(use_gpu: bool, cpus_per_actor: int) -> tuple[int, int]:
     """(min, max) actors from what the cluster can have, not what is up now (a cold autoscaling
     cluster has the head alone)."""
-    from orchestrator.sweep import cluster_capacity
+    from orchestrator.cluster import cluster_capacity
 
     cap = cluster_capacity()
     if use_gpu:

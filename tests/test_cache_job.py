@@ -61,15 +61,15 @@ def test_ray_data_cache_job_matches_local_build(tmp_path, local_ray):
 def test_pool_is_sized_by_what_the_cluster_can_have(monkeypatch):
     """A cold autoscaling cluster has no GPU *now*: the pool must still start (min 1, grows to the
     autoscaler's GPUs); only a cluster that can never have a GPU is refused."""
-    import orchestrator.sweep as sweep
+    import orchestrator.cluster as cluster
     from orchestrator.cache_job import _pool_bounds
 
-    monkeypatch.setattr(sweep, "cluster_capacity", lambda: sweep.Capacity({"CPU": 8.0, "GPU": 4.0}, autoscaling=True))
+    monkeypatch.setattr(cluster, "cluster_capacity", lambda: cluster.Capacity({"CPU": 8.0, "GPU": 4.0}, autoscaling=True))
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 2.0})  # the head alone, as when cold
     assert _pool_bounds(use_gpu=True, cpus_per_actor=1) == (1, 4)
     assert _pool_bounds(use_gpu=False, cpus_per_actor=1) == (1, 7)
-    monkeypatch.setattr(sweep, "cluster_capacity", lambda: sweep.Capacity({"CPU": 8.0, "GPU": 2.0}, autoscaling=False))
+    monkeypatch.setattr(cluster, "cluster_capacity", lambda: cluster.Capacity({"CPU": 8.0, "GPU": 2.0}, autoscaling=False))
     assert _pool_bounds(use_gpu=True, cpus_per_actor=1) == (2, 2)
-    monkeypatch.setattr(sweep, "cluster_capacity", lambda: sweep.Capacity({"CPU": 8.0}, autoscaling=True))
+    monkeypatch.setattr(cluster, "cluster_capacity", lambda: cluster.Capacity({"CPU": 8.0}, autoscaling=True))
     with pytest.raises(RuntimeError, match="no GPU.*autoscaler"):
         _pool_bounds(use_gpu=True, cpus_per_actor=1)
