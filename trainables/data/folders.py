@@ -1,7 +1,9 @@
 """On-disk datasets: ImageFolder (ImageNet layout), Waterbirds (metadata.csv), PASCAL VOC (XML).
 
 All three decode with PIL, then take the eval view Resize(image_size*256/224) + CenterCrop
-(``transforms.eval_view``); boxes follow the image. Listings are cached per process.
+(``transforms.eval_view``); boxes follow the image. Listings are cached per process; an
+ImageFolder listing comes from a Parquet file index built once per dataset (``trainables.data.index``;
+``E2KD_NO_INDEX=1`` scans the folder instead).
 """
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from trainables.data import index
 from trainables.data.base import (DatasetFamily, Record, Source, holdout_per_class, k_shot, k_shot_multilabel,
                                   register_dataset)
 from trainables.data.config import DataConfig
 from trainables.data.transforms import eval_resize_size, eval_view
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 HOLDOUT_SEED = 42  # the paper's fixed seed for the per-class validation hold-out
 
 
@@ -73,24 +75,29 @@ class _FileSource(Source):
 
 @lru_cache(maxsize=16)
 def _list_folder(folder: str, classes: tuple[str, ...] | None) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
-    """(class names, relative paths sorted by class then name, labels)."""
+    """(class names, relative paths sorted by class then name, labels). ``classes`` (the train
+    folder's) labels another folder by those names; a class directory not among them is an error.
+    One lookup per process: the file index (``E2KD_NO_INDEX=1``: a scan), then this cache."""
+    folder = os.path.abspath(folder)
+    own = index.scan(folder) if index.disabled() else index.folder_listing(folder)
     if classes is None:
-        classes = tuple(sorted(e.name for e in os.scandir(folder) if e.is_dir()))
-        if not classes:
+        if not own.classes:
             raise FileNotFoundError(f"no class sub-directories in {folder}")
-    else:
-        extra = sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name not in classes)
-        if extra:
-            raise ValueError(f"{folder} has classes not in the train folder: {extra[:5]}")
-    paths, labels = [], []
-    for c, name in enumerate(classes):
-        d = os.path.join(folder, name)
-        if not os.path.isdir(d):
-            continue
-        files = sorted(e.name for e in os.scandir(d) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
-        paths += [os.path.join(os.path.basename(folder), name, f) for f in files]
-        labels += [c] * len(files)
-    return classes, tuple(paths), np.asarray(labels, dtype=np.int64)
+        return own.classes, own.paths, own.labels
+    return (classes, *_relabel(own, classes, folder))
+
+
+def _relabel(own: index.Listing, classes: tuple[str, ...], folder: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """The folder's own listing with labels = positions in ``classes``, rows in ``classes`` order."""
+    extra = [c for c in own.classes if c not in classes]
+    if extra:
+        raise ValueError(f"{folder} has classes not in the train folder: {extra[:5]}")
+    position = {c: i for i, c in enumerate(classes)}
+    labels = np.asarray([position[c] for c in own.classes], dtype=np.int64)[own.labels]
+    if np.all(labels[:-1] <= labels[1:]):  # same class order (the usual case): nothing to move
+        return own.paths, labels
+    order = np.argsort(labels, kind="stable")  # stable: names stay sorted within a class
+    return tuple(own.paths[i] for i in order), labels[order]
 
 
 @register_dataset("imagefolder")
