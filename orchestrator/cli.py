@@ -238,7 +238,8 @@ def cmd_train(args) -> int:
         outbox = tracking.Outbox(tracking.outbox_uri(storage, name))
         set_start_timeout(start_timeout_s(spec, cap))
         trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config={"cfg": cfg}, scaling_config=scaling_config(spec),
+            train_loop_per_worker, train_loop_config={"cfg": cfg, "cpus_per_worker": spec.resources.cpus_per_worker},
+            scaling_config=scaling_config(spec),
             run_config=ray.train.RunConfig(
                 name=name, storage_path=storage, failure_config=train_failure_config(spec),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

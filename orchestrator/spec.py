@@ -396,7 +396,19 @@ def spec_from_dict(data: dict, source: str = "", base: str | None = None) -> Swe
     spec: SweepSpec = convert(SweepSpec, data, "")
     spec = dataclasses.replace(spec, train=train_cfg, source=source)
     check_search_space(spec)
+    check_layout(spec)
     return spec
+
+
+def check_layout(spec: SweepSpec) -> None:
+    """How one trial's batch is laid out over its workers must keep the recipe."""
+    r, t = spec.resources, spec.train
+    if t.batch_size % r.workers_per_trial:
+        raise SpecError(f"batch_size: {t.batch_size} does not split evenly over resources.workers_per_trial="
+                        f"{r.workers_per_trial} workers (the global batch would change)")
+    if t.sync_bn is True and r.workers_per_trial > 1 and not r.use_gpu:
+        raise SpecError("sync_bn: true needs resources.use_gpu: true (PyTorch's SyncBatchNorm runs on GPUs only); "
+                        "use sync_bn: auto, or workers_per_trial: 1")
 
 
 def check_search_space(spec: SweepSpec) -> None:
@@ -437,3 +449,10 @@ def check_search_space(spec: SweepSpec) -> None:
     if not any(spec.search.metric.startswith(f"{s}_") for s in (*splits, "train")):
         raise SpecError(f"search.metric: {spec.search.metric!r} is not reported; metrics are <split>_<name> "
                         f"with split in {', '.join(splits)} (e.g. val_agreement, val_acc)")
+    # Tune needs the metric in every epoch's report: only the selection split is (eval.val_every).
+    select = "val" if "val" in splits else splits[0]
+    split = next(s for s in sorted((*splits, "train"), key=len, reverse=True) if spec.search.metric.startswith(f"{s}_"))
+    if split not in (select, "train"):
+        raise SpecError(f"search.metric: {spec.search.metric!r} is measured on {split!r}, which is evaluated at the "
+                        f"end only (eval.test_every); search on {select!r} (e.g. {select}_agreement), and read "
+                        f"{split} in the report")

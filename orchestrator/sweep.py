@@ -179,7 +179,7 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
     set_start_timeout(ctx.start_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, "cpus_per_worker": spec.resources.cpus_per_worker},
         scaling_config=scaling_config(spec),
         run_config=ray.train.RunConfig(
             name=name, storage_path=ctx.storage_path,

@@ -60,6 +60,49 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class LoaderConfig:
+    """How one Ray Train worker feeds its device (``loader.*``)."""
+
+    # DataLoader processes decoding and augmenting images. null: one per CPU the worker holds, less
+    # one for the training process itself (resources.cpus_per_worker=8 -> 7); 0 for datasets that
+    # live in memory (digits), where a worker process costs more than it saves.
+    workers: int | None = None
+    prefetch: int = 2  # batches each loader process keeps ready
+    pin_memory: bool = True  # page-locked batches on CUDA: the host-to-device copy overlaps compute
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and (not _is_int(self.workers) or self.workers < 0):
+            raise ValueError(f"loader.workers must be an integer >= 0 (or null), got {self.workers!r}")
+        if not _is_int(self.prefetch) or self.prefetch < 1:
+            raise ValueError(f"loader.prefetch must be an integer >= 1, got {self.prefetch!r}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """When and how evaluation runs (``eval.*``)."""
+
+    val_every: int = 1  # epochs between validation passes (always at the last epoch)
+    test_every: int = 0  # 0: test only at the last epoch; N: also every N epochs
+    # Host memory (GiB, per worker and split) for the frozen teacher's logits and maps on an
+    # evaluation split, stored once at native map resolution in float16. Beyond it the teacher is
+    # re-run at every evaluation instead (B-cos maps are input-sized: 50,000 ImageNet images need
+    # ~29 GiB).
+    teacher_targets_gib: float = 2.0
+
+    def __post_init__(self) -> None:
+        for f in ("val_every", "test_every"):
+            v = getattr(self, f)
+            if not _is_int(v) or v < (1 if f == "val_every" else 0):
+                raise ValueError(f"eval.{f} must be an integer >= {1 if f == 'val_every' else 0}, got {v!r}")
+        if not isinstance(self.teacher_targets_gib, (int, float)) or not self.teacher_targets_gib >= 0:
+            raise ValueError(f"eval.teacher_targets_gib must be a number >= 0, got {self.teacher_targets_gib!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     student: str = "small_cnn"
     student_weights: str | None = None
@@ -70,6 +113,12 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
     channels_last: bool = True  # used on CUDA only
     explain_samples: int = 8  # validation images drawn with teacher/student maps in the PNG grid
+    # BatchNorm when one student's batch is split over several GPUs: "auto" synchronises the
+    # statistics (SyncBatchNorm: every layer sees the whole batch, as on one GPU) on CUDA; true
+    # also refuses to run where it cannot (CPU); false keeps per-GPU statistics.
+    sync_bn: bool | Literal["auto"] = "auto"
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -82,6 +131,8 @@ class TrainConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f} must be an integer >= 1, got {v!r}")
+        if self.sync_bn not in ("auto", True, False) or isinstance(self.sync_bn, int) and not isinstance(self.sync_bn, bool):
+            raise ValueError(f"sync_bn must be auto, true or false; got {self.sync_bn!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off; got {self.amp!r}")
         family = EXPLAINER_FAMILY[self.loss.explainer]

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import TrainConfig
 from trainables.data import build_dataset, dataset_info
+from trainables.data.base import family
+from trainables.data.loader import default_workers, eval_loader, train_loader
 from trainables.explainers import explain
 from trainables.losses import E2KDLoss
 from trainables.metrics import MetricSet
@@ -47,7 +48,7 @@ class Hooks:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
-    prepare_loader: Callable[[DataLoader], DataLoader] = lambda dl: dl
+    cpus: float = 1.0  # CPUs this worker holds (sizes the loader: LoaderConfig.workers)
     # report(metrics, checkpoint_dir or None); every rank calls it (Ray requires all ranks to report).
     report: Callable[[dict, str | None], None] = lambda metrics, ckpt_dir: None
     latest_checkpoint: Callable[[], "contextlib.AbstractContextManager[str | None]"] = (
@@ -136,35 +137,58 @@ def _to(batch: dict, device: torch.device, channels_last: bool) -> dict:
 
 
 class EvalSet:
-    """One evaluation split on this worker. The frozen teacher's logits and maps on it never change,
-    so they are computed once (first evaluation) and reused every epoch."""
+    """One evaluation split on this worker. The frozen teacher's outputs on it never change: the
+    first pass keeps them on the host — logits in float32, maps at the explainer's native
+    resolution (GradCAM 7x7, not 224x224) as float16 of map / max|map| — and later passes only
+    explain the student. Where they would exceed ``budget_bytes`` (input-sized B-cos maps of a large
+    split) nothing is kept and the teacher runs at every pass, so memory never grows with the
+    split beyond what is stored."""
 
-    def __init__(self, loader: DataLoader):
-        self.loader = loader
-        self.teacher_out: list[tuple[Tensor, Tensor, Tensor]] | None = None
+    def __init__(self, loader, budget_bytes: float):
+        self.loader, self.budget = loader, budget_bytes
+        self.stored: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
+        self.stores = True  # decided on the first batch of the first pass
 
-    def teacher_outputs(self, teacher: nn.Module, cfg: TrainConfig, device: torch.device, channels_last: bool):
-        if self.teacher_out is None:
-            out = []
-            for batch in self.loader:
-                x = _to(batch, device, channels_last)["image"]
-                with autocast_context(cfg, device):
-                    t = explain(teacher, x, None, cfg.loss.explainer, create_graph=False)
-                out.append((t.logits.float(), t.maps.float(), t.target))
-            self.teacher_out = out
-        return self.teacher_out
+    def stored_bytes(self) -> int:
+        return sum(t.nbytes for row in self.stored or () for t in row)
+
+    def batches(self, teacher: nn.Module, cfg: TrainConfig, device: torch.device, channels_last: bool):
+        """(batch on the device, teacher logits, teacher maps at native resolution, explained class)."""
+        if self.stored is not None:
+            for batch, (logits, q, scale, target) in zip(self.loader, self.stored):
+                maps = q.to(device, non_blocking=True).float() * scale.to(device).view(-1, *[1] * (q.dim() - 1))
+                yield _to(batch, device, channels_last), logits.to(device), maps, target.to(device)
+            return
+        keep: list | None = [] if self.stores else None
+        for batch in self.loader:
+            b = _to(batch, device, channels_last)
+            with autocast_context(cfg, device):
+                t = explain(teacher, b["image"], None, cfg.loss.explainer, create_graph=False, resize=False)
+            logits, maps = t.logits.float(), t.maps.float()
+            if keep is not None and not keep:
+                per_sample = (logits[0].numel() * 4 + maps[0].numel() * 2 + 4 + 8)
+                self.stores = per_sample * len(self.loader.sampler) <= self.budget
+                keep = [] if self.stores else None
+            if keep is not None:
+                scale = maps.flatten(1).abs().amax(dim=1)
+                safe = torch.where(scale > 0, scale, torch.ones_like(scale)).view(-1, *[1] * (maps.dim() - 1))
+                keep.append((logits.cpu(), (maps / safe).half().cpu(), scale.cpu(), t.target.cpu()))
+            yield b, logits, maps, t.target
+        if keep is not None:
+            self.stored = keep
 
 
 def evaluate(student: nn.Module, teacher: nn.Module, es: EvalSet, cfg: TrainConfig, device: torch.device,
              channels_last: bool) -> dict[str, float]:
-    """Every metric the split supports, summed locally then all-reduced once across workers."""
+    """Every metric the split supports, summed locally then all-reduced once across workers.
+
+    The student runs unwrapped: workers hold shards of different lengths, and a DDP forward
+    (buffer broadcast) on one worker's extra batch would wait forever for the others."""
     info = dataset_info(cfg.data)
     ms = MetricSet.build(exp_sim=True, num_groups=info.num_groups if info.has_groups else 0,
                          multilabel_classes=info.num_classes if info.multilabel else 0, localisation=info.has_boxes)
-    student.eval()
-    teacher_out = es.teacher_outputs(teacher, cfg, device, channels_last)
-    for batch, (t_logits, t_maps, t_target) in zip(es.loader, teacher_out):
-        b = _to(batch, device, channels_last)
+    student = unwrap(student).eval()
+    for b, t_logits, t_maps, t_target in es.batches(teacher, cfg, device, channels_last):
         with autocast_context(cfg, device):
             s = explain(student, b["image"], t_target, cfg.loss.explainer, create_graph=False)
         contrib, masks = (localisation_inputs(student, b, cfg) if info.has_boxes else (None, None))
@@ -173,6 +197,40 @@ def evaluate(student: nn.Module, teacher: nn.Module, es: EvalSet, cfg: TrainConf
                   contrib_maps=contrib, box_masks=masks)
     ms.all_reduce()
     return ms.compute()
+
+
+def due(split: str, epoch: int, cfg: TrainConfig, select: str) -> bool:
+    """Is ``split`` evaluated after ``epoch``? Always at the last epoch; the split trials are
+    selected on every ``eval.val_every`` epochs, the others every ``eval.test_every`` (0: only at
+    the end)."""
+    every = cfg.eval.val_every if split == select else cfg.eval.test_every
+    return epoch == cfg.epochs or (every > 0 and epoch % every == 0)
+
+
+def sync_batchnorm(model: nn.Module, cfg: TrainConfig, world_size: int, device: torch.device,
+                   log: Callable[[str], None]) -> nn.Module:
+    """SyncBatchNorm when one student's batch is split over several workers (``cfg.sync_bn``).
+
+    Only PyTorch's own BatchNorm layers are converted: B-cos models use an uncentred BatchNorm
+    subclass whose maths SyncBatchNorm would replace."""
+    if cfg.sync_bn is False or world_size == 1:
+        return model
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    custom = sorted({type(m).__name__ for _, m in norms if type(m) not in plain})
+    why = ("PyTorch's SyncBatchNorm runs on GPUs only" if device.type != "cuda" else
+           f"{', '.join(custom)} cannot be synchronised" if custom else None)
+    if why:
+        if cfg.sync_bn is True:
+            raise ValueError(f"sync_bn: true, but {why}; set sync_bn: auto or false, or one worker per trial")
+        if norms:
+            log(f"[e2kd] BatchNorm statistics stay per worker ({cfg.batch_size // world_size} of {cfg.batch_size} "
+                f"images): {why}")
+        return model
+    for name, m in norms:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], nn.SyncBatchNorm.convert_sync_batchnorm(m))
+    return model
 
 
 def localisation_inputs(student: nn.Module, b: dict, cfg: TrainConfig) -> tuple[Tensor, Tensor]:
@@ -259,22 +317,32 @@ def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
         raise ValueError(f"the teacher in {cfg.teacher.path} has {card.num_classes} classes, data "
                          f"{cfg.data.name!r} has {info.num_classes}")
     teacher = teacher.to(device).eval().requires_grad_(False)
-    student = build_model(cfg.student, info.num_classes, cfg.student_weights).to(device)
+    student = build_model(cfg.student, info.num_classes, cfg.student_weights)
+    student = sync_batchnorm(student, cfg, h.world_size, device, h.log).to(device)
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
     student = h.prepare_model(student)  # DDP + device placement under Ray Train
 
-    per_worker_batch = max(1, cfg.batch_size // h.world_size)
-    train_set = build_train_set(cfg, card.sha256)
-    train_loader = h.prepare_loader(DataLoader(train_set, batch_size=per_worker_batch, shuffle=True, drop_last=False))
+    if cfg.batch_size % h.world_size:
+        raise ValueError(f"batch_size={cfg.batch_size} does not split evenly over {h.world_size} workers")
+    per_worker_batch = cfg.batch_size // h.world_size
+    cuda = device.type == "cuda"
+    workers = default_workers(cfg.loader, h.cpus, family(cfg.data).in_memory)
+    loader = train_loader(build_train_set(cfg, card.sha256), per_worker_batch, seed=cfg.seed, rank=h.rank,
+                          world=h.world_size, cfg=cfg.loader, workers=workers, cuda=cuda)
     eval_splits = cfg.eval_splits or info.eval_splits
-    eval_sets = {s: EvalSet(h.prepare_loader(DataLoader(build_dataset(cfg.data, s, encoding=cfg.encoding, train=False),
-                                                        batch_size=max(per_worker_batch, 64), shuffle=False)))
+    # The split the search ranks trials on: validation, or the only split there is.
+    select = info.val_split if info.val_split in eval_splits else eval_splits[0]
+    eval_sets = {s: EvalSet(eval_loader(build_dataset(cfg.data, s, encoding=cfg.encoding, train=False),
+                                        max(per_worker_batch, 64), rank=h.rank, world=h.world_size, cfg=cfg.loader,
+                                        workers=workers, cuda=cuda), cfg.eval.teacher_targets_gib * 2**30)
                  for s in eval_splits}
+    h.log(f"[e2kd] {h.world_size} worker(s) x batch {per_worker_batch}, {workers} loader process(es) per worker, "
+          f"{torch.get_num_threads()} torch thread(s)")
 
     opt = build_optimizer(cfg, student)
-    sched = build_scheduler(cfg, opt, len(train_loader))
+    sched = build_scheduler(cfg, opt, len(loader))
     loss_fn = E2KDLoss(cfg.loss)
     start_epoch, step = 1, 0
     with h.latest_checkpoint() as ckpt_dir:
@@ -292,17 +360,16 @@ def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
     grid_images = torch.stack([grid_set[i]["image"] for i in range(min(cfg.explain_samples, len(grid_set)))]).to(device)
 
     metrics: dict[str, float] = {}
+    last_eval: dict[str, dict[str, float]] = {}  # per split: its latest metrics, with the epoch they are from
     for epoch in range(start_epoch, cfg.epochs + 1):
         # Reseed per (epoch, rank): a resumed run draws the same augmentations as an uninterrupted one.
         seed_everything(cfg.seed * 100003 + epoch * 101 + h.rank)
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         student.train()
         t0, c0 = time.perf_counter(), time.process_time()
         sums = {"loss": 0.0, "kd": 0.0, "exp": 0.0, "ce": 0.0}
         n_batches = 0
-        for batch in train_loader:
+        for batch in loader:
             b = _to(batch, device, channels_last)
             x = b["image"]
             need_maps = loss_fn.explains_at(step)
@@ -335,9 +402,19 @@ def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
                    # CPU seconds of this process (all its threads): robust to other load on a shared machine
                    "train_cpu_s": train_cpu}
         metrics.update({f"train_{k}": v / max(1, n_batches) for k, v in sums.items()})
+        t1 = time.perf_counter()
         for split, es in eval_sets.items():
-            for name, value in evaluate(student, teacher, es, cfg, device, channels_last).items():
-                metrics[f"{split}_{name}"] = value
+            # The validation split is reported every epoch (Tune's searcher and scheduler need its
+            # metric each time): between passes it repeats the last one, and val_epoch says when
+            # that was. A resumed run evaluates at once.
+            if due(split, epoch, cfg, select) or (split == select and split not in last_eval):
+                last_eval[split] = {f"{split}_{k}": v for k, v in
+                                    evaluate(student, teacher, es, cfg, device, channels_last).items()}
+                last_eval[split][f"{split}_epoch"] = epoch
+                metrics.update(last_eval[split])
+            elif split == select:
+                metrics.update(last_eval[split])
+        metrics["eval_time_s"] = time.perf_counter() - t1
 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -385,8 +462,13 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg: TrainConfig = config["cfg"]
+    cpus = float(config.get("cpus_per_worker", 1.0))
     ctx = ray.train.get_context()
-    torch.set_num_threads(max(1, int(os.environ.get("E2KD_TORCH_THREADS", "1"))))
+    # Intra-op threads: the CPUs this worker holds less its loader processes (E2KD_TORCH_THREADS
+    # overrides). Too many threads on a shared node stall each other.
+    workers = default_workers(cfg.loader, cpus, family(cfg.data).in_memory)
+    threads = os.environ.get("E2KD_TORCH_THREADS") or max(1, math.floor(cpus) - workers)
+    torch.set_num_threads(int(threads))
 
     @contextlib.contextmanager
     def latest_checkpoint():
@@ -403,7 +485,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     hooks = Hooks(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
                   prepare_model=ray.train.torch.prepare_model,
-                  prepare_loader=ray.train.torch.prepare_data_loader,
+                  cpus=cpus,
                   report=report, latest_checkpoint=latest_checkpoint,
                   # A logger, not print: Ray Train patches print() in its workers and, when stdout is
                   # wrapped, tees it to the raw stream as well, so every line reached the driver twice.

@@ -84,6 +84,8 @@ class DatasetFamily(ABC):
     splits: tuple[str, ...] = ("train", "val", "test")
     eval_splits: tuple[str, ...] = ("val", "test")
     name: str = "?"
+    # Samples are in memory (no decoding): loader processes cost more than they save.
+    in_memory: bool = False
 
     def stats(self, cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return IMAGENET_MEAN, IMAGENET_STD
@@ -211,17 +213,26 @@ class SplitDataset(Dataset):
     def encode(self, image01: Tensor) -> Tensor:
         return encode(image01, self.encoding, self.mean, self.std)
 
-    def __getitem__(self, pos: int) -> dict:
-        rec = self.record(int(pos))
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        pos, seed = split_key(key)
+        rec = self.record(pos)
         image, boxes = tv_tensors.Image(rec.image), None
         if rec.boxes is not None:
             boxes = tv_tensors.BoundingBoxes(rec.boxes, format="XYXY", canvas_size=tuple(rec.image.shape[-2:]))
         if self.train and self.cfg.augment:
             h, w = rec.image.shape[-2:]
-            view = sample_view(h, w, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.hflip)
+            view = sample_view(h, w, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.hflip, seed)
             image, *rest = apply_view(view, (h, w), image, *([boxes] if boxes is not None else []))
             boxes = rest[0] if rest else None
         return make_item(self, rec, self.encode(image), boxes)
+
+
+def split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
+    """A dataset key: a position, or (position, augmentation seed) from the training loader's
+    sampler (``trainables.data.loader``)."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return int(key), None
 
 
 def make_item(ds: SplitDataset, rec: Record, image: Tensor, boxes: Tensor | None) -> dict:
@@ -290,5 +301,5 @@ def k_shot_multilabel(multi_hot: np.ndarray, k: int, seed: int, class_names,
 
 
 __all__ = ["DATASETS", "DataInfo", "DatasetFamily", "Record", "Source", "SplitDataset", "build_dataset",
-           "dataset_info", "default_config", "register_dataset", "family", "holdout_per_class", "k_shot",
+           "dataset_info", "default_config", "register_dataset", "family", "split_key", "holdout_per_class", "k_shot",
            "k_shot_multilabel", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -52,7 +52,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from trainables import storage
-from trainables.data.base import SplitDataset, dataset_info, make_item
+from trainables.data.base import SplitDataset, dataset_info, make_item, split_key
 from trainables.data.config import DataConfig
 from trainables.data.transforms import apply_view, identity_view, sample_view
 from trainables.models import file_sha256
@@ -617,8 +617,9 @@ class CachedTeacherDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, pos: int) -> dict:
-        rec = self.base.record(int(pos))
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        pos, seed = split_key(key)
+        rec = self.base.record(pos)
         logits, m = self.cache.get(rec.index)
         h, w = rec.image.shape[-2:]
         chan = m.dim() == 3
@@ -627,7 +628,7 @@ class CachedTeacherDataset(Dataset):
         if rec.boxes is not None:
             boxes = tv_tensors.BoundingBoxes(rec.boxes, format="XYXY", canvas_size=(h, w))
         if self.cfg.augment:
-            view = sample_view(h, w, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.hflip)
+            view = sample_view(h, w, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.hflip, seed)
             image, tmap, *rest = apply_view(view, (h, w), image, tmap, *([boxes] if boxes is not None else []))
             boxes = rest[0] if rest else None
         else:

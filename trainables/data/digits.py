@@ -90,6 +90,7 @@ class _DigitSource(Source):
 class Digits(DatasetFamily):
     default_image_size = 32
     default_hflip = False
+    in_memory = True
     splits = ("train", "val", "test")
     eval_splits = ("val", "test")
 

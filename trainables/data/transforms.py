@@ -38,8 +38,16 @@ class View:
 
 
 def sample_view(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                hflip: bool) -> View:
-    """Sample RandomResizedCrop parameters (torchvision's algorithm and RNG use) and a coin flip."""
+                hflip: bool, seed: int | None = None) -> View:
+    """Sample RandomResizedCrop parameters (torchvision's algorithm and RNG use) and a coin flip.
+
+    ``seed``: draw from a generator seeded with it (the global RNG is left as it was) — the
+    training loader gives every (epoch, sample) its own seed, so a view does not depend on which
+    loader process makes it or on how many there are."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return sample_view(height, width, scale, ratio, hflip)
     rrc = v2.RandomResizedCrop(size=(height, width), scale=scale, ratio=ratio)
     p = rrc.make_params([tv_tensors.Image(torch.empty(1, height, width))])
     flip = bool(hflip and torch.rand(1).item() < 0.5)
