@@ -76,11 +76,12 @@ def test_eval_shards_count_every_sample_once():
     assert len(padded) > n  # what Ray's prepare_data_loader would have used: repeats samples
 
 
-def test_loader_processes_default_to_the_workers_cpus_less_one():
-    assert default_workers(LoaderConfig(), 8, in_memory=False) == 7
-    assert default_workers(LoaderConfig(), 1, in_memory=False) == 0
-    assert default_workers(LoaderConfig(), 8, in_memory=True) == 0
-    assert default_workers(LoaderConfig(workers=3), 1, in_memory=True) == 3
+def test_loader_processes_default_to_the_workers_cpus():
+    assert default_workers(LoaderConfig(), 8, in_memory=False, cuda=True) == 8
+    assert default_workers(LoaderConfig(), 8, in_memory=False, cuda=False) == 7
+    assert default_workers(LoaderConfig(), 1, in_memory=False, cuda=False) == 0
+    assert default_workers(LoaderConfig(), 8, in_memory=True, cuda=True) == 0
+    assert default_workers(LoaderConfig(workers=3), 1, in_memory=True, cuda=False) == 3
 
 
 # ------------------------------------ evaluation memory ---------------------------------------

@@ -63,9 +63,10 @@ class TeacherConfig:
 class LoaderConfig:
     """How one Ray Train worker feeds its device (``loader.*``)."""
 
-    # DataLoader processes decoding and augmenting images. null: one per CPU the worker holds, less
-    # one for the training process itself (resources.cpus_per_worker=8 -> 7); 0 for datasets that
-    # live in memory (digits), where a worker process costs more than it saves.
+    # DataLoader processes decoding and augmenting images. null: one per CPU the worker holds on a
+    # GPU (resources.cpus_per_worker=8 -> 8; the training process mostly waits for the device), one
+    # fewer on the CPU; 0 for datasets that live in memory (digits), where a process costs more
+    # than it saves.
     workers: int | None = None
     prefetch: int = 2  # batches each loader process keeps ready
     pin_memory: bool = True  # page-locked batches on CUDA: the host-to-device copy overlaps compute

@@ -328,7 +328,7 @@ def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
         raise ValueError(f"batch_size={cfg.batch_size} does not split evenly over {h.world_size} workers")
     per_worker_batch = cfg.batch_size // h.world_size
     cuda = device.type == "cuda"
-    workers = default_workers(cfg.loader, h.cpus, family(cfg.data).in_memory)
+    workers = default_workers(cfg.loader, h.cpus, family(cfg.data).in_memory, cuda)
     loader = train_loader(build_train_set(cfg, card.sha256), per_worker_batch, seed=cfg.seed, rank=h.rank,
                           world=h.world_size, cfg=cfg.loader, workers=workers, cuda=cuda)
     eval_splits = cfg.eval_splits or info.eval_splits
@@ -466,7 +466,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     # Intra-op threads: the CPUs this worker holds less its loader processes (E2KD_TORCH_THREADS
     # overrides). Too many threads on a shared node stall each other.
-    workers = default_workers(cfg.loader, cpus, family(cfg.data).in_memory)
+    device = ray.train.torch.get_device()
+    workers = default_workers(cfg.loader, cpus, family(cfg.data).in_memory, device.type == "cuda")
     threads = os.environ.get("E2KD_TORCH_THREADS") or max(1, math.floor(cpus) - workers)
     torch.set_num_threads(int(threads))
 
@@ -483,7 +484,7 @@ def train_loop_per_worker(config: dict) -> None:
         ck = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report(metrics, checkpoint=ck)
 
-    hooks = Hooks(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
+    hooks = Hooks(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device,
                   prepare_model=ray.train.torch.prepare_model,
                   cpus=cpus,
                   report=report, latest_checkpoint=latest_checkpoint,

@@ -24,11 +24,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from trainables.config import LoaderConfig
 
 
-def default_workers(cfg: LoaderConfig, cpus: float, in_memory: bool) -> int:
-    """Loader processes for a Ray worker holding ``cpus`` CPUs (see ``LoaderConfig.workers``)."""
+def default_workers(cfg: LoaderConfig, cpus: float, in_memory: bool, cuda: bool) -> int:
+    """Loader processes for a Ray worker holding ``cpus`` CPUs (see ``LoaderConfig.workers``): on
+    a GPU one per CPU (the training process mostly waits for the device, as in torchvision's and
+    timm's recipes), on the CPU one fewer (the training process computes)."""
     if cfg.workers is not None:
         return cfg.workers
-    return 0 if in_memory else max(0, math.floor(cpus) - 1)
+    return 0 if in_memory else max(0, math.floor(cpus) - (0 if cuda else 1))
 
 
 class SeededSampler(Sampler):
