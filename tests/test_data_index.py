@@ -1,4 +1,5 @@
-"""The ImageFolder file index: built once, reused without a scan, rebuilt when the data changes."""
+"""The file indexes (ImageFolder listing, parsed PASCAL VOC split): built once, reused without a
+scan or an XML parse, rebuilt when the data changes."""
 from __future__ import annotations
 
 import errno
@@ -9,12 +10,15 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from trainables.data import DataConfig, build_dataset
+from trainables.data import folders
 from trainables.data import index as file_index
-from trainables.data.folders import _list_folder
+from trainables.data.folders import VOC_CLASSES, _list_folder, _voc_split
 from trainables.data.index import IMG_EXTENSIONS
+from test_data_datasets import _voc_xml  # the VOC annotation writer of the dataset tests
 
 HOUR_AGO = time.time() - 3600
 
@@ -58,8 +62,10 @@ def node_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("E2KD_LOCAL_CACHE", str(cache))
     monkeypatch.delenv("E2KD_NO_INDEX", raising=False)
     _list_folder.cache_clear()
+    _voc_split.cache_clear()
     yield cache
     _list_folder.cache_clear()
+    _voc_split.cache_clear()
 
 
 @pytest.fixture
@@ -289,3 +295,216 @@ def test_imagefolder_dataset_same_with_and_without_index(root, monkeypatch):
             assert np.array_equal(indexed[0], a[0]) and np.array_equal(indexed[1], a[1]) and indexed[2] == a[2]
     assert {"train.parquet", "val.parquet"} <= set(os.listdir(root / ".e2kd-index"))
     assert build_dataset(cfg, "train")[0]["image"].shape == (3, 32, 32)
+
+
+# ------------------------------------ PASCAL VOC ---------------------------------------------
+
+VOC_ANN = {
+    "a1": [("dog", (1, 1, 20, 16)), ("person", (11, 5, 20, 15))],
+    "a2": [("cat", (5, 5, 15, 15))],
+    "a3": [("dog", (10, 10, 18, 14)), ("dog", (2, 2, 8, 8)), ("car", (1, 1, 20, 16))],
+    "a4": [],  # no object: boxes [0,4]
+    "b1": [("car", (1, 1, 20, 16))],
+}
+
+
+def _age_voc(root, when=HOUR_AGO):
+    """Directories and list files written long ago (an index of data modified seconds ago is not saved)."""
+    _age(root, when)
+    for f in os.listdir(root / "ImageSets" / "Main"):
+        os.utime(root / "ImageSets" / "Main" / f, (when, when))
+
+
+@pytest.fixture
+def voc_root(tmp_path):
+    root = tmp_path / "voc"
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    for i, (name, objs) in enumerate(VOC_ANN.items()):
+        (root / "Annotations" / f"{name}.xml").write_text(_voc_xml(objs))
+        _img(str(root / "JPEGImages" / f"{name}.jpg"), 500 + i)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a1\na2\na3\na4\n")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("b1\n")
+    _age_voc(root)
+    return root
+
+
+@pytest.fixture
+def xml_parses(monkeypatch):
+    """Every annotation file parse_voc_xml parses (the folders module calls it through its global)."""
+    calls, real = [], folders.parse_voc_xml
+
+    def counting(path):
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(folders, "parse_voc_xml", counting)
+    return calls
+
+
+def _voc(root, split="train"):
+    """A new process's view: the per-process cache is empty."""
+    _voc_split.cache_clear()
+    return _voc_split(str(root), split)
+
+
+def _voc_parsed(root, split, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setenv("E2KD_NO_INDEX", "1")
+        return _voc(root, split)
+
+
+def _assert_same_voc(got, want):
+    names, anns, multi_hot = got
+    assert type(names) is tuple and all(type(n) is str for n in names) and names == want[0]
+    assert type(anns) is list and len(anns) == len(names) == len(want[1])
+    for ann, (want_boxes, want_cls) in zip(anns, want[1]):
+        assert type(ann) is tuple and len(ann) == 2
+        boxes, cls = ann
+        assert isinstance(boxes, np.ndarray) and boxes.dtype == np.float32 and boxes.shape == (len(cls), 4)
+        assert isinstance(cls, np.ndarray) and cls.dtype == np.int64 and cls.ndim == 1
+        assert boxes.flags.writeable and cls.flags.writeable and boxes.flags.c_contiguous
+        assert np.array_equal(boxes, want_boxes) and np.array_equal(cls, want_cls)
+    assert multi_hot.dtype == np.float32 and multi_hot.shape == (len(names), len(VOC_CLASSES))
+    assert np.array_equal(multi_hot, want[2])
+
+
+def _expected_voc(names):
+    """What the fixture's XML files say, written out independently of the parser."""
+    anns = []
+    for n in names:
+        objs = VOC_ANN[n]
+        anns.append((np.asarray([[x1 - 1, y1 - 1, x2, y2] for _, (x1, y1, x2, y2) in objs], np.float32).reshape(-1, 4),
+                     np.asarray([VOC_CLASSES.index(c) for c, _ in objs], np.int64)))
+    multi_hot = np.zeros((len(names), 20), np.float32)
+    for i, (_, cls) in enumerate(anns):
+        multi_hot[i, cls] = 1
+    return tuple(names), anns, multi_hot
+
+
+def test_voc_split_listed_twice_parses_no_xml_the_second_time(voc_root, xml_parses, monkeypatch, caplog):
+    with caplog.at_level(logging.INFO, logger="e2kd"):
+        first = _voc(voc_root)
+    assert len(xml_parses) == 4 and f"indexed 4 annotations of VOC {voc_root} split 'train'" in caplog.text
+    assert os.path.isfile(voc_root / ".e2kd-index" / "voc-train.parquet")
+    assert file_index.voc_shared_path(str(voc_root), "train") == str(voc_root / ".e2kd-index" / "voc-train.parquet")
+    _assert_same_voc(first, _expected_voc(["a1", "a2", "a3", "a4"]))
+    xml_parses.clear()
+    caplog.clear()
+
+    def no_read_table(*a, **k):  # it would import pyarrow.dataset in every trial process (see _read_index)
+        raise AssertionError("pq.read_table")
+
+    with caplog.at_level(logging.INFO, logger="e2kd"), monkeypatch.context() as m:
+        m.setattr(file_index.pq, "read_table", no_read_table)
+        again = _voc(voc_root)
+    assert xml_parses == [] and "indexed" not in caplog.text
+    _assert_same_voc(again, first)
+    parsed = _voc_parsed(voc_root, "train", monkeypatch)  # the other code path: E2KD_NO_INDEX=1 parses
+    assert len(xml_parses) == 4
+    _assert_same_voc(again, parsed)
+    # one index per split
+    _assert_same_voc(_voc(voc_root, "val"), _expected_voc(["b1"]))
+    xml_parses.clear()
+    _assert_same_voc(_voc(voc_root, "val"), _expected_voc(["b1"]))
+    assert xml_parses == [] and os.path.isfile(voc_root / ".e2kd-index" / "voc-val.parquet")
+
+
+def test_voc_image_added_to_the_split_rebuilds(voc_root, xml_parses, monkeypatch, caplog):
+    before = _voc(voc_root)
+    new_objs = [("horse", (3, 4, 12, 14)), ("person", (1, 1, 5, 5))]
+    (voc_root / "Annotations" / "a5.xml").write_text(_voc_xml(new_objs))
+    with open(voc_root / "ImageSets" / "Main" / "train.txt", "a") as f:
+        f.write("a5\n")
+    _age_voc(voc_root, HOUR_AGO + 10)  # explicit: coarse-mtime filesystems may not tick
+    xml_parses.clear()
+    with caplog.at_level(logging.INFO, logger="e2kd"):
+        after = _voc(voc_root)
+    assert "rebuilt: " in caplog.text and "list file or Annotations changed" in caplog.text
+    assert len(xml_parses) == 5 and after[0] == before[0] + ("a5",)
+    assert np.array_equal(after[1][-1][1], [VOC_CLASSES.index("horse"), VOC_CLASSES.index("person")])
+    assert after[2][-1].nonzero()[0].tolist() == sorted([VOC_CLASSES.index("horse"), VOC_CLASSES.index("person")])
+    _assert_same_voc(after, _voc_parsed(voc_root, "train", monkeypatch))
+    xml_parses.clear()
+    _assert_same_voc(_voc(voc_root), after)  # and the rebuilt index is the one read next
+    assert xml_parses == []
+    # the list file alone (same size: only its mtime tells)
+    (voc_root / "ImageSets" / "Main" / "train.txt").write_text("a5\na1\na2\na3\na4\n")
+    _age_voc(voc_root, HOUR_AGO + 20)
+    assert _voc(voc_root)[0] == ("a5", "a1", "a2", "a3", "a4")
+
+
+def test_voc_annotation_edited_in_place_is_not_seen_until_the_index_goes(voc_root, monkeypatch):
+    """The documented limit: an XML rewritten in place changes no keyed mtime."""
+    first = _voc(voc_root)
+    (voc_root / "Annotations" / "a2.xml").write_text(_voc_xml([("sheep", (2, 2, 9, 9))]))
+    _age_voc(voc_root)  # the directory's mtime as before
+    assert np.array_equal(_voc(voc_root)[1][1][1], first[1][1][1])  # stale: still the cat
+    assert _voc_parsed(voc_root, "train", monkeypatch)[1][1][1].tolist() == [VOC_CLASSES.index("sheep")]
+    os.unlink(voc_root / ".e2kd-index" / "voc-train.parquet")
+    assert _voc(voc_root)[1][1][1].tolist() == [VOC_CLASSES.index("sheep")]
+
+
+def test_voc_corrupt_index_is_rebuilt(voc_root, xml_parses, caplog):
+    first = _voc(voc_root)
+    path = file_index.voc_shared_path(str(voc_root), "train")
+    with open(path, "wb") as f:
+        f.write(b"\x00garbage, not parquet\xff" * 10)
+    xml_parses.clear()
+    with caplog.at_level(logging.INFO, logger="e2kd"):
+        got = _voc(voc_root)
+    assert "unreadable" in caplog.text and len(xml_parses) == 4
+    _assert_same_voc(got, first)
+    assert file_index._read_voc(path, str(voc_root), "train")[0] is not None  # replaced by a whole index
+    # an index of another kind at that path (an ImageFolder one) is stale, not misread
+    file_index._write_atomic(file_index._folder_table(file_index.scan(str(voc_root / "JPEGImages"))), path)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="e2kd"):
+        _assert_same_voc(_voc(voc_root), first)
+    assert "kind 'imagefolder', want 'voc'" in caplog.text
+
+
+def test_voc_index_on_a_read_only_mount_goes_to_the_node_cache(voc_root, node_cache, monkeypatch, xml_parses):
+    real = file_index._write_atomic
+
+    def read_only_mount(table, path):
+        if path.startswith(str(voc_root)):
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real(table, path)
+
+    monkeypatch.setattr(file_index, "_write_atomic", read_only_mount)
+    first = _voc(voc_root)
+    local = file_index.voc_local_path(str(voc_root), "train")
+    assert local.startswith(str(node_cache / "indexes")) and os.path.isfile(local)
+    assert not (voc_root / ".e2kd-index").exists()
+    xml_parses.clear()
+    _assert_same_voc(_voc(voc_root), first)
+    assert xml_parses == []
+
+
+def test_voc_recently_modified_list_is_parsed_but_not_indexed(voc_root, caplog):
+    os.utime(voc_root / "ImageSets" / "Main" / "train.txt")  # now: maybe still being written
+    with caplog.at_level(logging.INFO, logger="e2kd"):
+        got = _voc(voc_root)
+    assert "not saved" in caplog.text and not os.path.exists(file_index.voc_shared_path(str(voc_root), "train"))
+    _assert_same_voc(got, _expected_voc(["a1", "a2", "a3", "a4"]))
+
+
+def test_voc_dataset_same_with_and_without_index(voc_root, monkeypatch):
+    cfg = DataConfig(name="voc", root=str(voc_root), image_size=16)
+
+    def split(name):
+        _voc_split.cache_clear()
+        ds = build_dataset(cfg, name)
+        rec = ds[0]
+        return ds.ids.copy(), ds.labels.copy(), ds.source.identity(), rec["boxes"], rec["label"]
+
+    for name in ("train", "val"):
+        indexed, indexed_again = split(name), split(name)
+        with monkeypatch.context() as m:
+            m.setenv("E2KD_NO_INDEX", "1")
+            parsed = split(name)
+        for a in (indexed_again, parsed):
+            assert np.array_equal(indexed[0], a[0]) and np.array_equal(indexed[1], a[1]) and indexed[2] == a[2]
+            assert torch.equal(indexed[3], a[3]) and torch.equal(indexed[4], a[4])
+    assert {"voc-train.parquet", "voc-val.parquet"} <= set(os.listdir(voc_root / ".e2kd-index"))

@@ -226,12 +226,23 @@ def parse_voc_xml(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(cls, np.int64)
 
 
+def _parse_voc_split(root: str, split: str) -> tuple[tuple[str, ...], list[tuple[np.ndarray, np.ndarray]]]:
+    """The list file's names and every one of their XML files, parsed (what the index replaces)."""
+    with open(index.voc_list_file(root, split)) as f:
+        names = tuple(line.split()[0] for line in f if line.strip())
+    return names, [parse_voc_xml(os.path.join(root, "Annotations", f"{n}.xml")) for n in names]
+
+
 @lru_cache(maxsize=16)
 def _voc_split(root: str, split: str):
-    list_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
-    with open(list_file) as f:
-        names = tuple(line.split()[0] for line in f if line.strip())
-    anns = [parse_voc_xml(os.path.join(root, "Annotations", f"{n}.xml")) for n in names]
+    """(names, [(boxes float32 [N,4], class ids int64 [N])] per image, multi-hot float32 [n,20]).
+    One lookup per process: the split's file index (``E2KD_NO_INDEX=1``: parse every XML), then
+    this cache. The index does not see an XML edited in place (see ``trainables.data.index``)."""
+    root = os.path.abspath(root)
+    if index.disabled():
+        names, anns = _parse_voc_split(root, split)
+    else:
+        names, anns = index.voc_split_listing(root, split, _parse_voc_split)
     multi_hot = np.zeros((len(names), len(VOC_CLASSES)), np.float32)
     for i, (_, cls) in enumerate(anns):
         multi_hot[i, cls] = 1.0
