@@ -28,6 +28,16 @@ the load of a shared machine.
 
     python bench/overhead.py                 # 6 epochs, E2KD_TORCH_THREADS=1
     python bench/overhead.py --epochs 8 --json out.json
+
+``--sweep`` times a whole sweep instead (default: the quickstart, README command 1 without the
+teacher, which is trained first if missing): ``e2kd sweep`` as a subprocess in a scratch
+directory (its own MLflow store and Ray Tune storage), its wall time, the per-trial breakdown the
+sweep logs to its MLflow parent run (``overhead.md``: start-up, train, evaluation, checkpoint,
+explanation grid, report, other), the orchestration efficiency Σ train_time_s / wall time of the
+command, and the best trial's metrics. ``--set k=v`` passes overrides (e.g. the v0.1 cadence:
+``--set explain_every=1 --set checkpoint_every=1 --set eval.test_every=1``).
+
+    python bench/overhead.py --sweep --json sweep.json
 """
 from __future__ import annotations
 
@@ -125,13 +135,68 @@ def run_ray(cfg, tmp: str) -> dict:
     return worker
 
 
+def run_sweep_command(spec_path: str, sets: list[str]) -> dict:
+    """``e2kd sweep`` end to end in a scratch directory; what its MLflow parent run recorded."""
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    from orchestrator.cli import ensure_teacher
+    from orchestrator.spec import load_spec
+
+    os.chdir(ROOT)
+    spec = load_spec(spec_path, sets)
+    ensure_teacher(spec)  # not part of the timing: README command 1 trains it once per machine
+    with tempfile.TemporaryDirectory(prefix="e2kd-sweep-bench-") as tmp:
+        name = f"{spec.name}-bench-{int(time.time())}"
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        cmd = [os.path.join(os.path.dirname(sys.executable), "e2kd"), "sweep", os.path.abspath(spec_path),
+               "--set", f"teacher.path={spec.train.teacher.path}", "--set", f"name={name}",
+               "--set", f"storage={tmp}/runs", "--tracking-uri", uri, *[a for kv in sets for a in ("--set", kv)]]
+        print(f"[overhead] {' '.join(cmd[1:])}", flush=True)
+        load0, t0 = os.getloadavg(), time.time()
+        done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        wall = time.time() - t0
+        if done.returncode:
+            print(done.stdout[-3000:], done.stderr[-3000:])
+            raise SystemExit(f"e2kd sweep failed ({done.returncode})")
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(spec.mlflow.experiment)
+        parent = client.search_runs([exp.experiment_id], "tags.`e2kd.role` = 'parent'")[0]
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        table = open(client.download_artifacts(parent.info.run_id, "overhead.md", tmp)).read()
+        metric, sign = spec.search.metric, (1 if spec.search.mode == "max" else -1)
+        best = max(children, key=lambda c: sign * c.data.metrics.get(metric, float("-inf") * sign))
+        train = parent.data.metrics["sweep_train_s"]
+        return {"command": cmd[1:], "wall_s": wall, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+                "sweep_wall_s": parent.data.metrics["sweep_wall_s"], "sweep_train_s": train,
+                "efficiency_command": train / wall, "efficiency_tune": parent.data.metrics["orchestration_efficiency"],
+                "trials": len(children), "overhead_md": table,
+                "best": {"lam": best.data.params.get("loss.lam"), **{k: v for k, v in best.data.metrics.items()
+                                                                       if k.startswith(("val_", "test_"))}}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", default=os.path.join(ROOT, "sweeps", "quickstart.yaml"))
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--threads", type=int, default=1, help="torch threads in both processes (E2KD_TORCH_THREADS)")
     p.add_argument("--json", help="write all measurements here")
+    p.add_argument("--sweep", action="store_true", help="time a whole `e2kd sweep` of --spec instead")
+    p.add_argument("--set", action="append", default=[], metavar="K=V", help="--sweep: spec overrides")
     args = p.parse_args()
+    if args.sweep:
+        out = run_sweep_command(args.spec, args.set)
+        print(out["overhead_md"])
+        print(f"\n`e2kd sweep` wall {out['wall_s']:.1f} s (load {out['loadavg_before'][0]:.1f} -> "
+              f"{out['loadavg_after'][0]:.1f}); Σ train_time_s {out['sweep_train_s']:.1f} s; orchestration "
+              f"efficiency {out['efficiency_command']:.2f} (of the command), {out['efficiency_tune']:.2f} (of Tune's fit)")
+        print("best trial: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in sorted(out["best"].items()) if not k.endswith("_epoch")))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
 
     os.chdir(ROOT)  # the spec's relative paths (teacher) resolve against the repository
     os.environ["E2KD_TORCH_THREADS"] = str(args.threads)  # inherited by the Ray worker

@@ -212,8 +212,8 @@ def cmd_train(args) -> int:
     from ray.train.torch import TorchTrainer
 
     from orchestrator import tracking
-    from orchestrator.sweep import (NonFiniteFailFast, check_schedulable, nonfinite_cause, resolve_storage,
-                                    scaling_config, set_start_timeout, start_timeout_s, train_failure_config)
+    from orchestrator.sweep import (check_schedulable, nonfinite_cause, resolve_storage,
+                                    scaling_config, set_train_env, start_timeout_s, train_failure_config)
     from trainables.config import flatten
     from trainables.train_loop import train_loop_per_worker
 
@@ -236,15 +236,16 @@ def cmd_train(args) -> int:
         # other --set values) starts its own run instead of resuming the previous one's checkpoint.
         name = f"{spec.name}-train-{run_id}"
         outbox = tracking.Outbox(tracking.outbox_uri(storage, name))
-        set_start_timeout(start_timeout_s(spec, cap))
+        set_train_env(start_timeout_s(spec, cap), spec.resources.poll_s)
         trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config={"cfg": cfg, "cpus_per_worker": spec.resources.cpus_per_worker},
+            train_loop_per_worker, train_loop_config={"cfg": cfg, "cpus_per_worker": spec.resources.cpus_per_worker,
+                                                     "submitted_at": time.time()},
             scaling_config=scaling_config(spec),
             run_config=ray.train.RunConfig(
                 name=name, storage_path=storage, failure_config=train_failure_config(spec),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 # A NaN/Inf loss fails at once instead of being retried max_failures times.
-                callbacks=[tracking.MlflowEpochCallback(uri, run_id, outbox.uri), NonFiniteFailFast()]))
+                callbacks=[tracking.MlflowEpochCallback(uri, run_id, outbox.uri), tracking.NonFiniteFailFast()]))
 
         def close(status: str, **tags: str) -> None:  # the run must not stay RUNNING in the UI
             def send() -> None:

@@ -110,12 +110,17 @@ class ResourcesConfig:
     # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default). null: 1800 s where an autoscaler can
     # add nodes (GPU nodes take 10-20 min to boot), 300 s on a fixed cluster or a local instance.
     start_timeout_s: float | None = None
+    # How often a trial's Ray Train controller polls its workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+    # 2 s by default). Each poll takes one report per worker, so an epoch shorter than this waits.
+    poll_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.workers_per_trial < 1:
             raise ValueError(f"resources.workers_per_trial must be >= 1, got {self.workers_per_trial}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.driver_cpus < 0:
             raise ValueError("resources.cpus_per_worker, gpus_per_worker and driver_cpus must be >= 0")
+        if not 0 < self.poll_s <= 60:
+            raise ValueError(f"resources.poll_s must be in (0, 60] seconds, got {self.poll_s}")
         if self.start_timeout_s is not None and not self.start_timeout_s > 0:
             raise ValueError(f"resources.start_timeout_s must be > 0 seconds (or null), got {self.start_timeout_s}")
         bad = {k: v for k, v in self.worker_resources.items() if k in ("CPU", "GPU") or not v > 0}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,18 +111,7 @@ class DriverContext:
     storage_path: str
     start_timeout_s: float = 300.0  # the trial's Train worker group start timeout (see start_timeout_s())
     max_concurrent: int = 1  # trials at once (see concurrency())
-
-
-class NonFiniteFailFast(ray.train.UserCallback):
-    """A NaN/Inf loss is deterministic: restarting the workers from the last checkpoint would hit it
-    again. Raising from ``after_exception`` turns the worker error into a controller error, which
-    Train's failure policy does not retry, so the run fails at once instead of using up
-    ``FailureConfig(max_failures)``."""
-
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        for rank, e in sorted(worker_exceptions.items()):
-            if isinstance(e, NonFiniteLossError):
-                raise NonFiniteLossError(f"worker rank {rank}: {e}")
+    checkpoint_at: tuple[int, ...] = ()  # epochs where the scheduler may stop a trial (asha_rungs())
 
 
 def nonfinite_cause(e: BaseException) -> NonFiniteLossError | None:
@@ -139,13 +129,19 @@ def train_failure_config(spec: SweepSpec) -> ray.train.FailureConfig:
                                    max_preemption_failures=-1)
 
 
-def set_start_timeout(seconds: float) -> None:
-    """Ray Train reads the worker-group start timeout from the environment of the process that
-    calls ``fit()`` and passes it on to its controller and workers (``get_env_vars_to_propagate``),
-    so setting it here reaches every process of the run; nothing has to be exported by hand."""
-    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+def set_train_env(start_timeout_s: float, poll_s: float) -> None:
+    """Ray Train reads its worker-group start timeout and its controller's poll interval from the
+    environment of the process that calls ``fit()`` and passes them on to its controller and
+    workers (``get_env_vars_to_propagate``), so setting them here reaches every process of the run;
+    nothing has to be exported by hand.
 
-    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = f"{seconds:g}"
+    The poll interval paces reports: a worker's ``ray.train.report`` waits until the controller's
+    next poll takes it (a queue of one), so with Ray's default of 2 s an epoch shorter than 2 s
+    lasts 2 s."""
+    from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = f"{start_timeout_s:g}"
+    os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR] = f"{poll_s:g}"
 
 
 def scaling_config(spec: SweepSpec) -> ray.train.ScalingConfig:
@@ -176,17 +172,18 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
         raise NonFiniteLossError(f"{earlier} (not retried: a non-finite loss is deterministic)")
     name = tracking.train_run_name(spec.name, trial_id)
     outbox = tracking.Outbox(tracking.outbox_uri(ctx.storage_path, name))
-    set_start_timeout(ctx.start_timeout_s)
+    set_train_env(ctx.start_timeout_s, spec.resources.poll_s)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "cpus_per_worker": spec.resources.cpus_per_worker},
+        train_loop_config={"cfg": cfg, "cpus_per_worker": spec.resources.cpus_per_worker,
+                           "submitted_at": time.time(), "checkpoint_at": ctx.checkpoint_at},
         scaling_config=scaling_config(spec),
         run_config=ray.train.RunConfig(
             name=name, storage_path=ctx.storage_path,
             failure_config=train_failure_config(spec),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[TuneReportCallback(), tracking.MlflowEpochCallback(ctx.tracking_uri, run_id, outbox.uri),
-                       NonFiniteFailFast()],
+                       tracking.NonFiniteFailFast()],
         ),
     )
     try:
@@ -239,6 +236,58 @@ def start_timeout_s(spec: SweepSpec, capacity: Capacity) -> float:
     if spec.resources.start_timeout_s is not None:
         return spec.resources.start_timeout_s
     return 1800.0 if capacity.autoscaling else 300.0
+
+
+def asha_rungs(spec: SweepSpec) -> tuple[int, ...]:
+    """The epochs at which ASHA may stop a trial: grace_period × reduction_factor^k below the last
+    epoch (one bracket, as build_tuner makes it). Trials checkpoint there whatever their cadence."""
+    s, last = spec.search, spec.train.epochs
+    if s.scheduler != "asha":
+        return ()
+    rungs, t = [], min(s.grace_period, last)
+    while t < last:
+        rungs.append(t)
+        t *= s.reduction_factor
+    return tuple(rungs)
+
+
+def overhead_rows(grid: ray.tune.ResultGrid) -> list[dict[str, Any]]:
+    """Per trial: Tune's wall time and what the trial's reports say it spent it on."""
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        if df is None or df.empty or "train_time_s" not in df:
+            continue
+        total = lambda k: float(df[k].fillna(0).sum()) if k in df else 0.0  # noqa: E731
+        row = {"trial": r.metrics.get("trial_id", "?"), "epochs": int(df["epoch"].max()),
+               "wall_s": float(df["time_total_s"].iloc[-1]),
+               "startup_s": float(df["startup_s"].dropna().iloc[0]) if "startup_s" in df and df["startup_s"].notna().any()
+               else 0.0,
+               **{k: total(f"{k}_time_s") for k in ("train", "eval", "checkpoint", "grid", "report")}}
+        for k in ("workers", "import", "teacher", "model", "data"):
+            col = f"startup_{k}_s"
+            row[f"startup_{k}"] = float(df[col].dropna().iloc[0]) if col in df and df[col].notna().any() else 0.0
+        row["other"] = row["wall_s"] - row["startup_s"] - sum(row[k] for k in ("train", "eval", "checkpoint", "grid",
+                                                                                "report"))
+        rows.append(row)
+    return rows
+
+
+def overhead_table(rows: list[dict[str, Any]], wall_s: float) -> str:
+    """Markdown: per trial and in total, where the time went; orchestration efficiency = Σ train / sweep wall."""
+    cols = ["wall_s", "startup_s", "train", "eval", "checkpoint", "grid", "report", "other"]
+    head = "| trial | epochs | " + " | ".join(c.removesuffix("_s") for c in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 2) + "|"]
+    for r in rows:
+        lines.append(f"| {r['trial']} | {r['epochs']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
+    tot = {c: sum(r[c] for r in rows) for c in cols}
+    lines.append("| **Σ** | | " + " | ".join(f"{tot[c]:.1f}" for c in cols) + " |")
+    start = {k: sum(r[f"startup_{k}"] for r in rows) for k in ("workers", "import", "teacher", "model", "data")}
+    eff = tot["train"] / wall_s if wall_s > 0 else float("nan")
+    lines += ["", "start-up, Σ over trials (s): " + ", ".join(f"{k} {v:.1f}" for k, v in start.items()),
+              f"sweep wall {wall_s:.1f} s; Σ train {tot['train']:.1f} s; orchestration efficiency "
+              f"(Σ train / sweep wall) {eff:.2f}"]
+    return "\n".join(lines)
 
 
 def experiment_path(spec: SweepSpec, storage: str) -> str:
@@ -314,7 +363,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         log(f"[e2kd] resuming sweep {spec.name!r}: MLflow parent run {parent}")
         client.set_terminated(parent, status="RUNNING")
     ctx = DriverContext(spec=spec, tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, storage_path=storage,
-                        start_timeout_s=start_timeout_s(spec, cap), max_concurrent=concurrency(spec, cap))
+                        start_timeout_s=start_timeout_s(spec, cap), max_concurrent=concurrency(spec, cap),
+                        checkpoint_at=asha_rungs(spec) if grid is None else ())
     finalizer = tracking.MlflowTrialFinalizer(uri, exp_id, parent, storage, spec.name, spec.mlflow.retry_s)
     tuner, trainable = build_tuner(spec, ctx, [finalizer], grid)
     if resume and can_restore:
@@ -327,6 +377,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         f"({'autoscaling: node types × max_workers' if cap.autoscaling else 'current cluster'}; worker start "
         f"timeout {ctx.start_timeout_s:g} s); results in {path}; MLflow {tracking.mask_uri(uri)} "
         f"(experiment {spec.mlflow.experiment!r}, parent run {parent})")
+    t0 = time.time()
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
@@ -342,6 +393,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
             f"run(s) not finalised ({', '.join(unsent)}); their records stay in {storage}; run "
             f"`e2kd sweep {spec.source or 'SPEC'} --resume` when the server is back to send them")
         return grid
+    log_overhead(client, parent, grid, time.time() - t0, log)
     finished = grid.num_terminated + grid.num_errors
     if finished < n_trials and not grid.errors:
         # Tune catches the first Ctrl-C itself, saves the experiment and returns early.
@@ -351,6 +403,23 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         return grid
     client.set_terminated(parent, status="FINISHED" if not grid.errors else "FAILED")
     return grid
+
+
+def log_overhead(client, parent: str, grid: ray.tune.ResultGrid, wall_s: float, log=print) -> None:
+    """Print where the sweep's time went and keep it on the parent run (a blip costs the table, not
+    the sweep). On a resumed sweep the wall time is this session's, the trials' times all of theirs."""
+    rows = overhead_rows(grid)
+    if not rows:
+        return
+    table = overhead_table(rows, wall_s)
+    log("[e2kd] where the time went (seconds):\n" + table)
+    train = sum(r["train"] for r in rows)
+    try:
+        client.log_text(parent, table + "\n", "overhead.md")
+        for k, v in (("sweep_wall_s", wall_s), ("sweep_train_s", train), ("orchestration_efficiency", train / wall_s)):
+            client.log_metric(parent, k, v)
+    except Exception as e:
+        log(f"[e2kd] could not log the time breakdown to MLflow: {tracking.mask_uri(str(e))[:200]}")
 
 
 def init_ray(address: str | None, num_cpus: int | None, log=print) -> bool:

@@ -29,12 +29,18 @@ import time
 import uuid
 from collections.abc import Callable
 from importlib import metadata
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray.train
 import ray.tune
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+# MLflow is imported where it is used, not here: each trial's Ray Train controller unpickles the
+# callbacks below before it starts the trial's workers, and importing MLflow there (~1.5 s of CPU,
+# more under load) delayed every trial's start. The controller's sender thread imports it later,
+# off that path.
 
 from trainables import storage as storage_fs
 
@@ -102,6 +108,8 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
 
 
 def _param_batch(params: dict[str, Any]) -> list[Param]:
+    from mlflow.entities import Param
+
     return [Param(k, mask_uri(str(v))[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
 
 
@@ -166,6 +174,8 @@ def get_or_create_child(uri: str, exp_id: str, parent_id: str, sweep: str, trial
                         params: dict[str, Any], tags: dict[str, str]) -> str:
     """The one child run of ``trial_id``: found by tag when the trial is retried or the sweep
     resumes, created (with params) otherwise."""
+    from mlflow import MlflowClient
+
     client = MlflowClient(uri)
     run_id = find_child(client, exp_id, parent_id, trial_id)
     if run_id is not None:
@@ -222,7 +232,7 @@ class Outbox:
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
 
-    def put(self, run_id: str, metrics: list[Metric] = (), artifacts: dict[str, bytes] | None = None,
+    def put(self, run_id: str, metrics=(), artifacts: dict[str, bytes] | None = None,
             tags: dict[str, str] | None = None) -> None:
         fs, root = storage_fs.filesystem(self.uri)
         fs.create_dir(root, recursive=True)
@@ -232,7 +242,9 @@ class Outbox:
             files[name] = f"{stem}.{name}"
             with fs.open_output_stream(f"{root}/{files[name]}") as f:
                 f.write(data)
-        record = {"run_id": run_id, "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
+        # metrics: MLflow Metric objects or (key, value, timestamp ms, step) tuples
+        record = {"run_id": run_id, "metrics": [[m.key, m.value, m.timestamp, m.step] if hasattr(m, "key") else list(m)
+                                                for m in metrics],
                   "artifacts": files, "tags": tags or {}}
         tmp = f"{root}/.{stem}.tmp"
         with fs.open_output_stream(tmp) as f:
@@ -250,6 +262,8 @@ class Outbox:
     def drain(self, client: MlflowClient) -> int:
         """Send every pending record; returns how many were sent. Raises on the first MLflow error
         (what is left stays for the next drain)."""
+        from mlflow.entities import Metric
+
         fs, root = storage_fs.filesystem(self.uri)
         sent = 0
         for path in self.pending():
@@ -310,6 +324,8 @@ class MlflowEpochCallback(ray.train.UserCallback):
         self._wake.set()
 
     def _send_forever(self) -> None:
+        from mlflow import MlflowClient
+
         client, box, wait = MlflowClient(self.tracking_uri), Outbox(self.outbox), 1.0
         while True:
             self._wake.wait()
@@ -328,7 +344,7 @@ class MlflowEpochCallback(ray.train.UserCallback):
         m = metrics[0]
         step = int(m.get("epoch", 0))
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in m.items()
+        batch = [(k, float(v), now, step) for k, v in m.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
         artifacts = {}
         if checkpoint is not None:
@@ -339,7 +355,7 @@ class MlflowEpochCallback(ray.train.UserCallback):
                 pass
         self._put(batch, artifacts)
 
-    def _put(self, metrics: list[Metric] = (), artifacts: dict[str, bytes] | None = None,
+    def _put(self, metrics=(), artifacts: dict[str, bytes] | None = None,
              tags: dict[str, str] | None = None) -> None:
         try:  # a storage blip is retried; a longer storage outage costs these records, never the run
             retry(lambda: Outbox(self.outbox).put(self.run_id, metrics, artifacts, tags),
@@ -351,6 +367,21 @@ class MlflowEpochCallback(ray.train.UserCallback):
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         first = next(iter(worker_exceptions.values()), None)
         self._put(tags={"e2kd.last_error": mask_uri(f"{type(first).__name__}: {first}")[:5000]})
+
+
+class NonFiniteFailFast(ray.train.UserCallback):
+    """A NaN/Inf loss is deterministic: restarting the workers from the last checkpoint would hit it
+    again. Raising from ``after_exception`` turns the worker error into a controller error, which
+    Train's failure policy does not retry, so the run fails at once instead of using up
+    ``FailureConfig(max_failures)``. (Here rather than in ``orchestrator.sweep``: the controller
+    imports the module of every callback it is given, and this one is light.)"""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        from trainables.train_loop import NonFiniteLossError
+
+        for rank, e in sorted(worker_exceptions.items()):
+            if isinstance(e, NonFiniteLossError):
+                raise NonFiniteLossError(f"worker rank {rank}: {e}")
 
 
 class MlflowTrialFinalizer(ray.tune.Callback):
@@ -375,6 +406,8 @@ class MlflowTrialFinalizer(ray.tune.Callback):
 
     def finalize(self, trial_id: str, last_result: dict | None, status: str, error_text: str | None = None) -> None:
         """Raises on an MLflow outage (nothing is closed then); records a bad checkpoint on the run."""
+        from mlflow import MlflowClient
+
         client = MlflowClient(self.tracking_uri)
         run_id = find_child(client, self.exp_id, self.parent_id, trial_id)
         if run_id is None:
@@ -418,6 +451,8 @@ class MlflowTrialFinalizer(ray.tune.Callback):
         ended = {t.trial_id: t for t in trials if t.status in ("TERMINATED", "ERROR")}
 
         def leftovers() -> list[str]:
+            from mlflow import MlflowClient
+
             runs = MlflowClient(self.tracking_uri).search_runs(
                 [self.exp_id], f"tags.`{TAG_PARENT}` = '{self.parent_id}' and attributes.status = 'RUNNING'")
             return [t for t in (r.data.tags.get(TAG_TRIAL) for r in runs) if t in ended]
@@ -491,8 +526,14 @@ def log_student(tracking_uri: str, run_id: str, checkpoint: ray.train.Checkpoint
     example = torch.zeros(2, channels, size, size)
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
+        # Requirements given, not inferred: MLflow's inference loads the model in a subprocess
+        # (~6 s of CPU per trial), and this runs in the sweep's event loop, which waits for it.
+        import torchvision
+
         mlflow.pytorch.log_model(model, name="student", input_example=example.numpy(),
-                                 serialization_format="pickle")
+                                 serialization_format="pickle",
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                   f"torchvision=={torchvision.__version__.split('+')[0]}"])
         mlflow.log_dict(meta, "student/checkpoint_meta.json")
 
 

@@ -76,6 +76,11 @@ def test_two_trial_sweep_mlflow_optuna_resume(tmp_path, teacher_dir, local_ray):
         assert "explanations.png" in arts, arts
         assert "student" in arts, arts  # the final student, logged with mlflow.pytorch
         assert c.info.status == "FINISHED"
+    # Where the time went: the parent's breakdown adds up the children's per-epoch records.
+    train = sum(m.value for c in children for m in client.get_metric_history(c.info.run_id, "train_time_s"))
+    assert parent.data.metrics["sweep_train_s"] == pytest.approx(train, rel=1e-6)
+    assert 0 < parent.data.metrics["orchestration_efficiency"] < 1
+    assert "overhead.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     spec_art = [a.path for a in client.list_artifacts(parent.info.run_id, "spec")]
     assert spec_art == [] or spec_art[0].endswith(".yaml")
 

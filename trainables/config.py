@@ -114,6 +114,10 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
     channels_last: bool = True  # used on CUDA only
     explain_samples: int = 8  # validation images drawn with teacher/student maps in the PNG grid
+    explain_every: int = 5  # epochs between explanation grids (always at the last epoch; 0: only then)
+    # Epochs between checkpoints (always at the last epoch). auto: every epoch where a checkpoint
+    # costs at most 5 % of the training time since the last one (see train_loop.Cadence).
+    checkpoint_every: int | Literal["auto"] = "auto"
     # BatchNorm when one student's batch is split over several GPUs: "auto" synchronises the
     # statistics (SyncBatchNorm: every layer sees the whole batch, as on one GPU) on CUDA; true
     # also refuses to run where it cannot (CPU); false keeps per-GPU statistics.
@@ -132,6 +136,10 @@ class TrainConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f} must be an integer >= 1, got {v!r}")
+        if not _is_int(self.explain_every) or self.explain_every < 0:
+            raise ValueError(f"explain_every must be an integer >= 0, got {self.explain_every!r}")
+        if self.checkpoint_every != "auto" and (not _is_int(self.checkpoint_every) or self.checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be auto or an integer >= 1, got {self.checkpoint_every!r}")
         if self.sync_bn not in ("auto", True, False) or isinstance(self.sync_bn, int) and not isinstance(self.sync_bn, bool):
             raise ValueError(f"sync_bn must be auto, true or false; got {self.sync_bn!r}")
         if self.amp not in ("auto", "bf16", "off"):

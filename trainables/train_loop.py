@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+_IMPORT_START = time.time()  # start-up breakdown: what importing the training code costs a fresh worker
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,12 @@ class Hooks:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
     cpus: float = 1.0  # CPUs this worker holds (sizes the loader: LoaderConfig.workers)
+    # time.time() when the trial asked for its workers (the driver's trainer.fit()): start-up is
+    # measured from there. None: from the call to fit().
+    submitted_at: float | None = None
+    # Epochs that must end with a checkpoint whatever the cadence: where the scheduler may stop the
+    # trial (ASHA's rungs), so the logged student is the one its last metrics describe.
+    checkpoint_at: frozenset[int] = frozenset()
     # report(metrics, checkpoint_dir or None); every rank calls it (Ray requires all ranks to report).
     report: Callable[[dict, str | None], None] = lambda metrics, ckpt_dir: None
     latest_checkpoint: Callable[[], "contextlib.AbstractContextManager[str | None]"] = (
@@ -286,6 +294,57 @@ def explanation_grid(student: nn.Module, teacher: nn.Module, images: Tensor, cfg
     plt.close(fig)
 
 
+# ------------------------------------ where the time goes ----------------------------------
+
+
+class Stopwatch:
+    """Wall-clock phases of a trial, reported as metrics (``startup_*_s`` once, ``*_time_s`` per
+    epoch) so that MLflow and the sweep's summary show where a trial's time goes."""
+
+    def __init__(self, origin: float):
+        self.origin, self.mark, self.startup = origin, time.time(), {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.startup[f"startup_{name}_s"] = now - self.mark
+        self.mark = now
+
+    def startup_metrics(self) -> dict[str, float]:
+        """Phases so far, and ``startup_s``: from the request for workers to the first batch."""
+        return {**self.startup, "startup_s": time.time() - self.origin}
+
+
+class Cadence:
+    """Which epochs write a checkpoint and the explanation grid (``checkpoint_every``,
+    ``explain_every``); both always at the last epoch.
+
+    ``checkpoint_every: auto`` writes one whenever the last one cost at most 5 % of the training
+    time since it, so on real epochs (minutes) every epoch is checkpointed and on toy epochs the
+    checkpoint does not dominate them. A failure loses at most the epochs since the last
+    checkpoint: one epoch, or ~20x a checkpoint's cost of training."""
+
+    SHARE = 0.05
+
+    def __init__(self, cfg: TrainConfig, always: frozenset[int] = frozenset()):
+        self.cfg, self.always, self.cost, self.since = cfg, always, 0.0, 0.0
+
+    def grid(self, epoch: int) -> bool:
+        every = self.cfg.explain_every
+        return epoch == self.cfg.epochs or (every > 0 and epoch % every == 0)
+
+    def checkpoint(self, epoch: int, epoch_time: float) -> bool:
+        self.since += epoch_time
+        every = self.cfg.checkpoint_every
+        if epoch == self.cfg.epochs or epoch in self.always or self.grid(epoch):  # the grid travels in one
+            return True
+        if every == "auto":
+            return self.cost <= self.SHARE * self.since
+        return epoch % every == 0
+
+    def wrote(self, cost: float) -> None:
+        self.cost, self.since = cost, 0.0
+
+
 # ------------------------------------ the loop ----------------------------------------------
 
 
@@ -304,6 +363,12 @@ def build_train_set(cfg: TrainConfig, teacher_sha: str):
 def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
     """Train one student by (e²)KD; returns the last epoch's metrics."""
     h = hooks or Hooks()
+    clock = Stopwatch(h.submitted_at or time.time())
+    if h.submitted_at:
+        # Importing the training code (when this process had not yet), and everything else between
+        # the request and here: Ray placing and starting the worker group, the torch process group.
+        imports = max(0.0, _IMPORTED - max(_IMPORT_START, h.submitted_at))
+        clock.startup.update(startup_import_s=imports, startup_workers_s=clock.mark - h.submitted_at - imports)
     device = h.device
     channels_last = cfg.channels_last and device.type == "cuda"
     seed_everything(cfg.seed)
@@ -317,12 +382,14 @@ def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
         raise ValueError(f"the teacher in {cfg.teacher.path} has {card.num_classes} classes, data "
                          f"{cfg.data.name!r} has {info.num_classes}")
     teacher = teacher.to(device).eval().requires_grad_(False)
+    clock.lap("teacher")
     student = build_model(cfg.student, info.num_classes, cfg.student_weights)
     student = sync_batchnorm(student, cfg, h.world_size, device, h.log).to(device)
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
     student = h.prepare_model(student)  # DDP + device placement under Ray Train
+    clock.lap("model")
 
     if cfg.batch_size % h.world_size:
         raise ValueError(f"batch_size={cfg.batch_size} does not split evenly over {h.world_size} workers")
@@ -359,6 +426,10 @@ def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
     grid_set = build_dataset(cfg.data, grid_split, encoding=cfg.encoding, train=False)
     grid_images = torch.stack([grid_set[i]["image"] for i in range(min(cfg.explain_samples, len(grid_set)))]).to(device)
 
+    clock.lap("data")
+    startup = clock.startup_metrics()
+    cadence = Cadence(cfg, h.checkpoint_at)
+    report_time = 0.0
     metrics: dict[str, float] = {}
     last_eval: dict[str, dict[str, float]] = {}  # per split: its latest metrics, with the epoch they are from
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -400,7 +471,11 @@ def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
 
         metrics = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], "train_time_s": train_time,
                    # CPU seconds of this process (all its threads): robust to other load on a shared machine
-                   "train_cpu_s": train_cpu}
+                   "train_cpu_s": train_cpu,
+                   # the previous epoch's ray.train.report: persisting its checkpoint to the run's storage
+                   "report_time_s": report_time}
+        if epoch == start_epoch and start_epoch == 1:
+            metrics.update(startup)
         metrics.update({f"train_{k}": v / max(1, n_batches) for k, v in sums.items()})
         t1 = time.perf_counter()
         for split, es in eval_sets.items():
@@ -418,14 +493,23 @@ def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:
 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if h.rank == 0:
+            metrics.update(checkpoint_time_s=0.0, grid_time_s=0.0)
+            if h.rank == 0 and cadence.checkpoint(epoch, train_time + metrics["eval_time_s"]):
+                t2 = time.perf_counter()
                 save_checkpoint(tmp, {"model": unwrap(student).state_dict(), "optimizer": opt.state_dict(),
                                       "scheduler": sched.state_dict(), "epoch": epoch, "step": step},
                                 meta={"epoch": epoch, "metrics": metrics, "student": cfg.student,
                                       "num_classes": info.num_classes})
-                explanation_grid(unwrap(student), teacher, grid_images, cfg, os.path.join(tmp, "explanations.png"))
+                metrics["checkpoint_time_s"] = time.perf_counter() - t2
+                if cadence.grid(epoch):
+                    explanation_grid(unwrap(student), teacher, grid_images, cfg, os.path.join(tmp, "explanations.png"))
+                    metrics["grid_time_s"] = time.perf_counter() - t2 - metrics["checkpoint_time_s"]
                 ckpt = tmp
+            t3 = time.perf_counter()
             h.report(metrics, ckpt)
+            report_time = time.perf_counter() - t3
+            if ckpt:
+                cadence.wrote(metrics["checkpoint_time_s"] + report_time)
         h.log("[e2kd] epoch {epoch}/{epochs} " .format(epoch=epoch, epochs=cfg.epochs) + json.dumps(
             {k: round(v, 4) for k, v in metrics.items() if k.endswith(("_acc", "_agreement", "train_loss"))}))
     return metrics
@@ -486,9 +570,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     hooks = Hooks(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device,
                   prepare_model=ray.train.torch.prepare_model,
-                  cpus=cpus,
+                  cpus=cpus, submitted_at=config.get("submitted_at"),
+                  checkpoint_at=frozenset(config.get("checkpoint_at", ())),
                   report=report, latest_checkpoint=latest_checkpoint,
                   # A logger, not print: Ray Train patches print() in its workers and, when stdout is
                   # wrapped, tees it to the raw stream as well, so every line reached the driver twice.
                   log=logging.getLogger("e2kd").info if ctx.get_world_rank() == 0 else (lambda s: None))
     fit(cfg, hooks)
+
+
+_IMPORTED = time.time()
