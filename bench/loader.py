@@ -14,13 +14,26 @@ Both iterate the same samples with the same augmentation seeds (the batches are 
 on the first batch), in alternating order (0, K, 0, K, ...), each epoch timed from the iterator's
 creation (loader start-up included). The ratio is of median images/s.
 
+``--ray-data`` adds a third side in the same run, interleaved (0, K, R, R, K, 0, ...): a Ray Data
+pipeline doing the same per-sample work with our functions (``load_rgb`` -> ``eval_view`` ->
+``sample_view`` with the sampler's seed -> ``apply_view`` -> ``encode``) on the same samples (the
+sampler's epoch order, the full batches the DataLoader yields): ``ray.data.from_items`` of
+(path, label, position, seed) rows -> ``map_batches`` (batches of ``--batch`` rows, one task per CPU) ->
+``iter_torch_batches``, on a local Ray instance with ``--cpus`` CPUs (default: this machine's),
+``DataContext`` defaults, no progress bars. An epoch is timed from building the dataset to its last
+batch. Not timed but reported: ``ray.init`` (on a Ray Train worker the cluster already runs) and the
+first, cold epoch (Ray worker processes start and import torch; the DataLoader's processes fork an
+already-loaded parent). The samples are checked against the Dataset's (first batch, two images).
+
     python bench/loader.py                               # 2,000 images, 2 repetitions
+    python bench/loader.py --ray-data --json out.json    # + the Ray Data side
     python bench/loader.py --images 4000 --json out.json # what bench/gpu.py runs on the GPU machine
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -79,6 +92,60 @@ def epoch_rate(ds, workers: int, batch: int, cuda: bool, epoch: int) -> tuple[fl
     return n / (time.perf_counter() - t0), first
 
 
+# ------------------------------------ Ray Data side ------------------------------------------
+
+
+def ray_rows(ds, batch: int, epoch: int) -> list[dict]:
+    """The training loader's epoch as rows: (path, label, pos, seed) in the sampler's order, only
+    the full batches (what ``drop_last`` leaves), so both sides decode exactly the same samples."""
+    dl = train_loader(ds, batch, seed=0, rank=0, world=1, cfg=LoaderConfig(), workers=0, cuda=False)
+    dl.sampler.set_epoch(epoch)
+    keys = list(dl.sampler)[: len(dl) * batch]
+    src = ds.source
+    return [{"path": os.path.join(src.root, src.rel_paths[pos]), "label": int(src.labels[pos]), "pos": int(pos),
+             "seed": int(seed)} for pos, seed in keys]
+
+
+class RaySamples:
+    """The per-sample work of ``SplitDataset.__getitem__`` (train, rgb) for a batch of rows, with
+    our functions; a callable object so Ray pickles only the few settings it needs."""
+
+    def __init__(self, ds):
+        cfg = ds.cfg
+        self.size, self.scale, self.ratio, self.hflip = cfg.image_size, cfg.crop_scale, cfg.crop_ratio, cfg.hflip
+        self.mean, self.std = ds.mean, ds.std
+
+    def __call__(self, rows: dict) -> dict:
+        from trainables.data.folders import load_rgb
+        from trainables.data.transforms import apply_view, encode, eval_view, sample_view
+
+        images = []
+        for path, seed in zip(rows["path"], rows["seed"]):
+            img, _ = eval_view(load_rgb(str(path)), self.size)
+            h, w = img.shape[-2:]
+            view = sample_view(h, w, self.scale, self.ratio, self.hflip, int(seed))
+            (img,) = apply_view(view, (h, w), img)
+            images.append(encode(img, "rgb", self.mean, self.std).numpy())
+        return {"image": np.stack(images), "label": rows["label"], "pos": rows["pos"]}
+
+
+def ray_epoch_rate(ds, rows: list[dict], batch: int) -> tuple[float, torch.Tensor, list[int]]:
+    import ray.data
+
+    t0, n, first, first_pos = time.perf_counter(), 0, None, None
+    pipe = ray.data.from_items(rows).map_batches(RaySamples(ds), batch_size=batch, batch_format="numpy")
+    for b in pipe.iter_torch_batches(batch_size=batch, drop_last=True):
+        if first is None:
+            first, first_pos = b["image"][:2].clone(), [int(p) for p in b["pos"][:2]]
+        n += len(b["image"])
+    return n / (time.perf_counter() - t0), first, first_pos
+
+
+def same_as_dataset(ds, rows: list[dict], images: torch.Tensor, positions: list[int]) -> bool:
+    seed = {r["pos"]: r["seed"] for r in rows}
+    return all(torch.equal(img, ds[(p, seed[p])]["image"]) for img, p in zip(images, positions))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=2000)
@@ -88,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=2, help="epochs per side, alternating")
     p.add_argument("--json", default=None)
+    p.add_argument("--ray-data", action="store_true", help="also time a Ray Data pipeline doing the same work")
+    p.add_argument("--cpus", type=int, default=None, help="ray.init(num_cpus=...) for --ray-data (default: this "
+                   "machine's CPUs)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the training process's own threads: it only collects batches here
     cuda = torch.cuda.is_available()
@@ -96,14 +166,40 @@ def main(argv: list[str] | None = None) -> int:
     root = write_folder(args.root or os.path.join(local_root(), "bench", f"jpeg-folder-{args.images}"), args.images)
     ds = build_dataset(DataConfig(name="imagefolder", root=root, image_size=224, val_per_class=0, hflip=True,
                                   crop_scale=(0.08, 1.0)), "train", train=True)
-    rates: dict[int, list[float]] = {0: [], workers: []}
+    rates: dict[int | str, list[float]] = {0: [], workers: []}
     firsts = {}
-    for rep in range(args.reps):
-        for w in ((0, workers) if rep % 2 == 0 else (workers, 0)):
-            r, first = epoch_rate(ds, w, args.batch, cuda, epoch=1)
-            rates[w].append(r)
-            firsts[w] = first
-            print(f"  workers={w}: {r:7.1f} images/s")
+    sides: list[int | str] = [0, workers]
+    if args.ray_data:
+        import ray
+
+        ray_cpus = args.cpus or cpus
+        t0 = time.perf_counter()
+        # address="local": a fresh instance of our own, never another job's cluster on this machine.
+        ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False)
+        ray_init_s = time.perf_counter() - t0
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-execution INFO lines between ours
+        if __name__ != "__main__":  # imported (not run): Ray's workers cannot import this file by name
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        rows = ray_rows(ds, args.batch, epoch=1)
+        cold, _, _ = ray_epoch_rate(ds, rows, args.batch)
+        print(f"  ray.init: {ray_init_s:.1f} s; first (cold) Ray Data epoch: {cold:7.1f} images/s (not counted)")
+        rates["ray_data"] = []
+        sides.append("ray_data")
+    try:
+        for rep in range(args.reps):
+            for w in (sides if rep % 2 == 0 else sides[::-1]):
+                if w == "ray_data":
+                    r, first, first_pos = ray_epoch_rate(ds, rows, args.batch)
+                    print(f"  ray data:  {r:7.1f} images/s")
+                else:
+                    r, first = epoch_rate(ds, w, args.batch, cuda, epoch=1)
+                    print(f"  workers={w}: {r:7.1f} images/s")
+                rates[w].append(r)
+                firsts[w] = first
+    finally:
+        if args.ray_data:
+            ray.shutdown()
     same = torch.equal(firsts[0], firsts[workers])
     base, ours = statistics.median(rates[0]), statistics.median(rates[workers])
     out = {"images": len(ds), "cpus": cpus, "cuda": cuda, "batch": args.batch, "workers": workers,
@@ -112,6 +208,16 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__}
     print(f"RESULT: {ours:.1f} images/s with {workers} loader processes vs {base:.1f} with num_workers=0: "
           f"{ours / base:.2f}x ({cpus} CPUs; identical batches: {same})")
+    if args.ray_data:
+        rd = statistics.median(rates["ray_data"])
+        rd_same = same_as_dataset(ds, rows, firsts["ray_data"], first_pos)
+        same = same and rd_same
+        out.update(images_per_s_ray_data=rd, ray_data_ratio_to_workers0=rd / base, ray_data_ratio_to_pipeline=rd / ours,
+                   ray_data_same_samples=rd_same, ray_cpus=ray_cpus, ray_init_s=ray_init_s,
+                   ray_data_cold_images_per_s=cold, ray=ray.__version__)
+        print(f"RESULT: {rd:.1f} images/s with Ray Data ({ray_cpus} CPUs): {rd / base:.2f}x num_workers=0, "
+              f"{rd / ours:.2f}x the {workers}-process pipeline (same samples as the Dataset: {rd_same}; "
+              f"ray.init {ray_init_s:.1f} s and a cold first epoch at {cold:.1f} images/s not counted)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

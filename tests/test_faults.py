@@ -372,9 +372,9 @@ class TestOnOneLocalRayInstance:
         from orchestrator.spec import spec_from_dict
         from orchestrator.sweep import run_sweep
 
-        spec = spec_from_dict(tiny_spec(tmp_path, teacher_dir, "f-huge", workers_per_trial=64))
+        spec = spec_from_dict(tiny_spec(tmp_path, teacher_dir, "f-huge", workers_per_trial=10))
         t0 = time.monotonic()
-        with pytest.raises(RuntimeError, match=r"one trial needs 64\.25 CPU.*the cluster has 3"):
+        with pytest.raises(RuntimeError, match=r"one trial needs 10\.25 CPU.*the cluster has 3"):
             run_sweep(spec, log=lambda s: None)
         assert time.monotonic() - t0 < 10
         assert sorted(os.listdir(tmp_path)) == []  # no MLflow store, no Tune directory
