@@ -263,7 +263,8 @@ def overhead_rows(grid: ray.tune.ResultGrid) -> list[dict[str, Any]]:
                "wall_s": float(df["time_total_s"].iloc[-1]),
                "startup_s": float(df["startup_s"].dropna().iloc[0]) if "startup_s" in df and df["startup_s"].notna().any()
                else 0.0,
-               **{k: total(f"{k}_time_s") for k in ("train", "eval", "checkpoint", "grid", "report")}}
+               **{k: total(f"{k}_time_s") for k in ("train", "eval", "checkpoint", "grid", "report")},
+               "train_cpu": total("train_cpu_s")}
         for k in ("workers", "import", "teacher", "model", "data"):
             col = f"startup_{k}_s"
             row[f"startup_{k}"] = float(df[col].dropna().iloc[0]) if col in df and df[col].notna().any() else 0.0
@@ -284,9 +285,13 @@ def overhead_table(rows: list[dict[str, Any]], wall_s: float) -> str:
     lines.append("| **Σ** | | " + " | ".join(f"{tot[c]:.1f}" for c in cols) + " |")
     start = {k: sum(r[f"startup_{k}"] for r in rows) for k in ("workers", "import", "teacher", "model", "data")}
     eff = tot["train"] / wall_s if wall_s > 0 else float("nan")
+    cpu = sum(r.get("train_cpu", 0.0) for r in rows)
     lines += ["", "start-up, Σ over trials (s): " + ", ".join(f"{k} {v:.1f}" for k, v in start.items()),
               f"sweep wall {wall_s:.1f} s; Σ train {tot['train']:.1f} s; orchestration efficiency "
-              f"(Σ train / sweep wall) {eff:.2f}"]
+              f"(Σ train / sweep wall) {eff:.2f}",
+              # Wall time in training includes waiting for a CPU when trials share one: the CPU seconds
+              # of the training processes say how much of the machine the training itself used.
+              f"Σ train CPU {cpu:.1f} s (training processes, all threads; rank 0 of each trial)"]
     return "\n".join(lines)
 
 

@@ -178,9 +178,10 @@ def test_sync_batchnorm_when_a_students_batch_is_split():
 
 def test_spec_refuses_a_layout_that_changes_the_recipe():
     qs = os.path.join(ROOT, "sweeps", "quickstart.yaml")
+    two = "resources.workers_per_trial=2"
     with pytest.raises(SpecError, match="batch_size: 21 does not split evenly"):
-        load_spec(qs, ["batch_size=21"])
+        load_spec(qs, ["batch_size=21", two])
     with pytest.raises(SpecError, match="sync_bn: true needs resources.use_gpu"):
-        load_spec(qs, ["sync_bn=on"])
+        load_spec(qs, ["sync_bn=on", two])
     assert load_spec(qs, ["sync_bn=true", "resources.workers_per_trial=1"]).train.sync_bn is True
     assert load_spec(qs, ["sync_bn=off"]).train.sync_bn is False  # YAML 1.1: off is false
