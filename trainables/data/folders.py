@@ -2,8 +2,8 @@
 
 All three decode with PIL, then take the eval view Resize(image_size*256/224) + CenterCrop
 (``transforms.eval_view``); boxes follow the image. Listings are cached per process; an
-ImageFolder listing comes from a Parquet file index built once per dataset (``trainables.data.index``;
-``E2KD_NO_INDEX=1`` scans the folder instead).
+ImageFolder listing and a VOC split's parsed annotations come from a Parquet index built once per
+dataset (``trainables.data.index``; ``E2KD_NO_INDEX=1`` scans and parses instead).
 """
 from __future__ import annotations
 
