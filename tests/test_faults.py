@@ -589,7 +589,12 @@ def test_node_removed_mid_trial_sweep_completes(tmp_path, teacher_dir, monkeypat
         assert "node_id" in info, f"no node was removed mid-trial: {info}"
         assert len(grid) == 1 and not grid.errors, grid.errors
         assert grid[0].metrics["epoch"] == 4
-        alive_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        # The GCS marks a removed node dead after its health checks fail (seconds): the trial,
+        # moved to another node, may finish before that.
+        deadline = time.monotonic() + 60
+        while (alive_nodes := {n["NodeID"] for n in ray.nodes() if n["Alive"]}) and info["node_id"] in alive_nodes \
+                and time.monotonic() < deadline:
+            time.sleep(1)
         assert info["node_id"] not in alive_nodes and len(alive_nodes) == 2
         # The trial finished on what remains: a worker on another node.
         assert any(w.node_id != info["node_id"] and w.actor_id != info["actor_id"] for w in actors("RayTrainWorker"))
