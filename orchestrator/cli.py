@@ -185,7 +185,9 @@ def cmd_sweep(args) -> int:
         print(f"[e2kd] sweep finished in {time.time() - t0:.0f} s")
     report.print_report(spec.mlflow.experiment, args.tracking_uri or spec.mlflow.tracking_uri, sweep=spec.name,
                         out_dir=os.path.join(os.path.dirname(os.path.abspath(spec.storage)) if "://" not in spec.storage
-                                             else ".", "reports", spec.name))
+                                             else ".", "reports", spec.name),
+                        # the sweep's own report shows its result even if its matched KD run failed (with a warning)
+                        allow_unequal=True)
     return 0
 
 
@@ -199,9 +201,22 @@ def cmd_compare(args) -> int:
     spec = _load(args)
     spec = dataclasses.replace(spec, name=args.name or f"{spec.name}-compare")
     args.lam = args.lam or sorted({0.0, spec.train.loss.lam})
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SpecError(f"--seeds: {args.seeds} repeats a seed")
+    # By default the k-shot subset varies with the seed (data.seed = seed): with few shots, which
+    # images are drawn moves results as much as the initialisation does, and ± must include it.
+    if args.fixed_data and args.data_seeds:
+        raise SpecError("--fixed-data and --data-seeds contradict each other: give one")
+    data_seeds = None if args.fixed_data else (args.data_seeds or args.seeds)
+    if data_seeds is not None and len(data_seeds) != len(args.seeds):
+        raise SpecError(f"--data-seeds: give one per --seeds ({len(args.seeds)}), got {len(data_seeds)}")
+    grid: dict[str, list] = {"loss.lam": args.lam}
+    if data_seeds is None:
+        grid["seed"] = args.seeds
+    else:
+        grid["_seeds"] = [{"seed": s, "data.seed": d} for s, d in zip(args.seeds, data_seeds)]
     with ray_session(spec, args):
-        run_sweep(spec, resume=args.resume, tracking_uri=args.tracking_uri,
-                  grid={"seed": args.seeds, "loss.lam": args.lam})
+        run_sweep(spec, resume=args.resume, tracking_uri=args.tracking_uri, grid=grid)
     report.print_compare(spec.mlflow.experiment, args.tracking_uri or spec.mlflow.tracking_uri, spec.name)
     return 0
 
@@ -363,7 +378,8 @@ def cmd_report(args) -> int:
     if args.trend:
         report.print_trend(args.experiment, args.tracking_uri, args.trend, args.by, tuple(args.metrics), args.out)
     else:
-        report.print_report(args.experiment, args.tracking_uri, sweep=args.sweep, out_dir=args.out)
+        report.print_report(args.experiment, args.tracking_uri, sweep=args.sweep, out_dir=args.out,
+                            allow_unequal=args.allow_unequal)
     return 0
 
 
@@ -404,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     sp.add_argument("--lam", type=float, nargs="+", default=None,
                     help="λ values to compare (default: 0 and the spec's loss.lam)")
+    sp.add_argument("--data-seeds", type=int, nargs="+", default=None,
+                    help="data.seed (the k-shot subset) for each --seeds entry (default: the seed itself)")
+    sp.add_argument("--fixed-data", action="store_true",
+                    help="keep the spec's data.seed for every seed (± then excludes the subset's variance)")
     sp.add_argument("--name", help="sweep name (default: <spec name>-compare)")
     sp.add_argument("--resume", action="store_true")
     sp.add_argument("--address")
@@ -431,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sweep", help="sweep name (default: the experiment's latest sweep)")
     sp.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     sp.add_argument("--out", default=None, help="folder for the PNG plots (default reports/<sweep>)")
+    sp.add_argument("--allow-unequal", action="store_true",
+                    help="show KD vs best e²KD even when they differ beyond λ (student, τ, epochs, …), with a warning")
     sp.add_argument("--trend", nargs="+", metavar="SWEEP",
                     help="compare sweeps (from `e2kd compare`) that differ in one setting: KD vs e²KD against --by")
     sp.add_argument("--by", default="data.shots", help="the setting the --trend sweeps differ in (a run param)")

@@ -39,35 +39,115 @@ def load_sweep(client: MlflowClient, experiment: str, sweep: str | None):
     return parent, children
 
 
-def summarise(parent, children) -> dict[str, Any]:
+class UnequalComparison(ValueError):
+    """The KD and e²KD runs a report would put side by side differ in more than λ."""
+
+
+# Params that identify a run rather than its recipe.
+_NOT_SETTING = {"loss.lam"}
+_ROLE_ORDER = ("baseline", "matched", "tuned")
+
+
+def _setting(run) -> dict[str, str]:
+    return {k: v for k, v in run.data.params.items() if k not in _NOT_SETTING}
+
+
+def _differences(a, b) -> list[str]:
+    sa, sb = _setting(a), _setting(b)
+    return [f"{k} {_short(sa.get(k))} vs {_short(sb.get(k))}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
+
+
+def _short(v: Any, n: int = 40) -> str:
+    v = "-" if v is None else str(v)
+    return v if len(v) <= n else v[: n - 1] + "…"
+
+
+def _role(run) -> str:
+    return run.data.tags.get(tracking.TAG_KD_ROLE, "baseline")
+
+
+def summarise(parent, children, allow_unequal: bool = False) -> dict[str, Any]:
+    """Pick what the report compares: the best e²KD run that ran every epoch, and the KD run of the
+    same setting (student, τ, optimiser, epochs — every param but λ). Raises
+    :class:`UnequalComparison` when there is none, unless ``allow_unequal``. With ``kd_arm: tuned``
+    also the best KD run of the KD arm's equal budget."""
     metric = parent.data.tags.get("e2kd.metric", "val_agreement")
     mode = parent.data.tags.get("e2kd.mode", "max")
-    done = [r for r in children if metric in r.data.metrics]
-    kd = [r for r in done if r.data.tags.get("method") == "kd"]
-    e2 = [r for r in done if r.data.tags.get("method") == "e2kd"]
     pick = max if mode == "max" else min
+    done = [r for r in children if metric in r.data.metrics and r.info.status == "FINISHED"]
+    stopped = [r for r in done if r.data.tags.get(tracking.TAG_STOPPED_EARLY)]
+    full = [r for r in done if r not in stopped]
+    e2 = [r for r in full if r.data.tags.get("method") == "e2kd"]
+    kd_all = [r for r in done if r.data.tags.get("method") == "kd"]
+    kd = [r for r in full if r.data.tags.get("method") == "kd"]
     best = pick(e2, key=lambda r: r.data.metrics[metric]) if e2 else None
-    return {"metric": metric, "mode": mode, "kd": kd[0] if kd else None, "best": best, "runs": done,
-            "failed": [r for r in children if r.info.status == "FAILED"]}
+    kd_ref, unequal = None, None
+    if best is not None and kd_all:
+        same = sorted((r for r in kd if not _differences(r, best)),
+                      key=lambda r: _ROLE_ORDER.index(_role(r)) if _role(r) in _ROLE_ORDER else 9)
+        if same:
+            kd_ref = same[0]
+        else:
+            kd_ref = sorted(kd_all, key=lambda r: (r in stopped, _role(r) != "baseline"))[0]
+            diffs = _differences(kd_ref, best)
+            if kd_ref in stopped:
+                diffs.insert(0, f"the KD run was stopped early ({kd_ref.data.tags[tracking.TAG_STOPPED_EARLY]})")
+            unequal = "; ".join(diffs)
+            if not allow_unequal:
+                raise UnequalComparison(
+                    f"report: the best e²KD run and the KD run differ beyond λ ({_short(unequal, 300)}): refusing an "
+                    "unequal comparison; `e2kd sweep SPEC --resume` adds the KD run of the best e²KD setting, "
+                    "--allow-unequal shows it anyway")
+    elif kd_all:
+        kd_ref = sorted(kd_all, key=lambda r: (r in stopped, _role(r) != "baseline"))[0]
+    arm = parent.data.tags.get("e2kd.kd_arm") == "tuned"
+    kd_budget = [r for r in kd_all if _role(r) in ("baseline", "tuned")]
+    best_kd = None
+    if arm:
+        cands = [r for r in kd_budget if r not in stopped]
+        best_kd = pick(cands, key=lambda r: r.data.metrics[metric]) if cands else None
+    return {"metric": metric, "mode": mode, "kd": kd_ref, "best": best, "runs": done, "stopped": stopped,
+            "failed": [r for r in children if r.info.status == "FAILED"], "unequal": unequal,
+            "n_e2kd": sum(r.data.tags.get("method") == "e2kd" for r in done), "n_kd": len(kd_budget),
+            "kd_arm": arm, "best_kd": best_kd}
 
 
 def table(summary: dict[str, Any]) -> str:
-    kd, best = summary["kd"], summary["best"]
-    runs = [r for r in (kd, best) if r is not None]
+    kd, best, best_kd = summary["kd"], summary["best"], summary["best_kd"]
+    runs = [r for r in (kd, best, best_kd) if r is not None]
     keys = sorted({k for r in runs for k in r.data.metrics if k.split("_", 1)[-1] in SHOW or k.endswith(SHOW)
                    if not k.startswith("train_")})
-    lines = [f"Sweep result ({len(summary['runs'])} finished trials, {len(summary['failed'])} failed; "
-             f"selected by {summary['metric']} ({summary['mode']}))", ""]
-    head = f"{'metric':<28}{'KD (λ=0)':>12}{'best e²KD':>12}{'Δ':>10}"
+    lines = [f"Sweep result ({len(summary['runs'])} finished trials, {len(summary['failed'])} failed, "
+             f"{len(summary['stopped'])} stopped early by the scheduler; selected by {summary['metric']} "
+             f"({summary['mode']}) among the runs that trained every epoch)"]
+    role = _role(kd) if kd is not None else None
+    if summary["kd_arm"]:
+        lines.append(f"tuning budgets: e²KD {summary['n_e2kd']} trials, KD {summary['n_kd']} trials (search.kd_arm: "
+                     "tuned: KD searched the same space without λ with the e²KD budget, or each of its settings once "
+                     "where it has fewer); 'KD same setting' is the KD run of the best e²KD's student/τ/optimiser")
+    elif kd is not None:
+        lines.append(f"tuning budgets: e²KD best of {summary['n_e2kd']} trials vs KD at the same student/τ/optimiser/"
+                     f"epochs ({role} run), not tuned — unequal budgets; search.kd_arm: tuned gives KD the same")
+    if summary["unequal"]:
+        lines.append(f"WARNING (--allow-unequal): the KD run differs beyond λ: {summary['unequal']}")
+    lines.append("")
+    cols = [("KD same setting", kd), ("best e²KD", best)] + ([("best KD", best_kd)] if summary["kd_arm"] else [])
+    head = f"{'metric':<28}" + "".join(f"{c:>17}" for c, _ in cols) + f"{'Δ e²KD−KD':>12}" + \
+        (f"{'Δ best−best':>13}" if summary["kd_arm"] else "")
     lines += [head, "-" * len(head)]
+    val = lambda r, k: r.data.metrics.get(k, math.nan) if r is not None else math.nan  # noqa: E731
     for k in keys:
-        a = kd.data.metrics.get(k, math.nan) if kd else math.nan
-        b = best.data.metrics.get(k, math.nan) if best else math.nan
-        lines.append(f"{k:<28}{a:>12.4f}{b:>12.4f}{b - a:>+10.4f}")
-    if best is not None:
-        p = best.data.params
-        lines += ["", "best e²KD trial: " + ", ".join(f"{k}={p[k]}" for k in sorted(p)
-                                                      if k in ("loss.lam", "loss.temperature", "student", "optim.lr", "optim.name"))]
+        row = f"{k:<28}" + "".join(f"{val(r, k):>17.4f}" for _, r in cols) + f"{val(best, k) - val(kd, k):>+12.4f}"
+        if summary["kd_arm"]:
+            row += f"{val(best, k) - val(best_kd, k):>+13.4f}"
+        lines.append(row)
+    show = ("loss.lam", "loss.temperature", "student", "optim.lr", "optim.name", "epochs")
+    named = [(label, r) for label, r in (("best e²KD trial", best), ("KD run (same setting)", kd),
+                                         ("best KD trial", best_kd)) if r is not None]
+    lines += [""] if named else []
+    for label, r in named:
+        p = r.data.params
+        lines.append(f"{label}: " + ", ".join(f"{k}={p[k]}" for k in sorted(p) if k in show))
     return "\n".join(lines)
 
 
@@ -141,11 +221,12 @@ def importance(summary: dict[str, Any]) -> dict[str, float]:
         return {}
 
 
-def print_report(experiment: str, tracking_uri: str, sweep: str | None = None, out_dir: str | None = None) -> str:
+def print_report(experiment: str, tracking_uri: str, sweep: str | None = None, out_dir: str | None = None,
+                 allow_unequal: bool = False) -> str:
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
     parent, children = load_sweep(client, experiment, sweep)
-    summary = summarise(parent, children)
+    summary = summarise(parent, children, allow_unequal)
     text = table(summary)
     print(text)
     out = out_dir or os.path.join("reports", parent.data.tags.get(tracking.TAG_SWEEP, parent.info.run_id))
@@ -198,7 +279,9 @@ def compare_table(children, metrics: tuple[str, ...] | None = None) -> str:
     base = groups.get(0.0)
     head = ["metric (%)"] + [("KD (λ=0)" if lam == 0 else f"e²KD λ={lam:g}") for lam in lams]
     if base is not None:
-        head += [f"Δ λ={lam:g} − KD (paired)" for lam in lams if lam != 0]
+        for lam in lams:
+            if lam != 0:
+                head += [f"Δ λ={lam:g} − KD (paired)", "seeds Δ>0", "p (paired t)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in keys:
         row = [k] + [_fmt([m.get(k, math.nan) for m in groups[lam].values()]) for lam in lams]
@@ -207,11 +290,28 @@ def compare_table(children, metrics: tuple[str, ...] | None = None) -> str:
                 if lam == 0:
                     continue
                 common = sorted(set(base) & set(groups[lam]))
-                row.append(_fmt([groups[lam][s].get(k, math.nan) - base[s].get(k, math.nan) for s in common]))
+                d = [groups[lam][s].get(k, math.nan) - base[s].get(k, math.nan) for s in common]
+                d = [x for x in d if x == x]
+                row += [_fmt(d), f"{sum(x > 0 for x in d)}/{len(d)}", _p_paired(d)]
         lines.append("| " + " | ".join(row) + " |")
     seeds = sorted({s for g in groups.values() for s in g})
-    lines.append(f"\nseeds: {seeds}; {sum(len(g) for g in groups.values())} finished runs")
+    data_seeds = sorted({int(r.data.params["data.seed"]) for r in children
+                         if r.info.status == "FINISHED" and "data.seed" in r.data.params})
+    lines.append(f"\nseeds: {seeds}" + (f"; data subsets (data.seed): {data_seeds}" if data_seeds else "")
+                 + f"; {sum(len(g) for g in groups.values())} finished runs; Δ: e²KD − KD on the same seed; "
+                 "p: two-sided paired t-test over seeds")
     return "\n".join(lines)
+
+
+def _p_paired(d: list[float]) -> str:
+    """Two-sided paired t-test of the per-seed differences against 0 (scipy's, on the differences)."""
+    from scipy import stats
+
+    if len(d) < 2:
+        return "–"
+    if max(d) == min(d):  # no spread: the t statistic is undefined
+        return "–"
+    return f"{stats.ttest_1samp(d, 0.0).pvalue:.2g}"
 
 
 def print_compare(experiment: str, tracking_uri: str, sweep: str, out_dir: str | None = None) -> str:

@@ -65,7 +65,9 @@ class SearchConfig:
     num_trials: int = 8  # including the KD baseline
     metric: str = "val_agreement"
     mode: Literal["max", "min"] = "max"
-    sampler: Literal["tpe", "random"] = "tpe"
+    # auto: "grid" when every entry is a `choice` (each configuration once, in a seeded order: a
+    # sampler would repeat some — TPE on a 4×2 grid does), "tpe" otherwise.
+    sampler: Literal["auto", "tpe", "random", "grid"] = "auto"
     n_startup_trials: int = 10  # TPE: random trials before the model-based ones (Optuna's default)
     seed: int = 0
     space: dict[str, ParamSpec] = field(default_factory=dict)
@@ -73,6 +75,12 @@ class SearchConfig:
     grace_period: int = 2  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 3
     baseline: bool = True  # evaluate plain KD (loss.lam = 0) as the first trial
+    # How KD is tuned against e²KD. "baseline": one KD trial at the spec's settings (plus, after the
+    # search, one KD run at the best e²KD trial's settings when they differ, so the report always
+    # compares like with like). "tuned": KD gets the e²KD search's budget over the same space
+    # without λ (its own Optuna search, run after the e²KD one); the report then also shows best KD
+    # vs best e²KD at equal budgets.
+    kd_arm: Literal["baseline", "tuned"] = "baseline"
 
     def __post_init__(self) -> None:
         if self.num_trials < 1:
@@ -85,6 +93,32 @@ class SearchConfig:
             raise ValueError(f"search.n_startup_trials must be >= 0, got {self.n_startup_trials}")
         if not 0 <= self.seed < 2**32:  # numpy's seed range (Optuna's samplers)
             raise ValueError(f"search.seed must be in [0, 2**32), got {self.seed}")
+        if self.kd_arm == "tuned" and not self.baseline:
+            raise ValueError("search.kd_arm: tuned needs search.baseline: true (the KD arm starts at the spec's settings)")
+
+    @property
+    def grid(self) -> bool:
+        """Whether trials enumerate the space instead of sampling it (see ``sampler``)."""
+        if self.sampler == "auto":
+            return all(p.type == "choice" for p in self.space.values())
+        return self.sampler == "grid"
+
+    def configurations(self, keys: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """Every configuration of an all-`choice` space (entries under ``when`` only where active),
+        in a fixed order. ``keys``: enumerate only these entries."""
+        keys = tuple(self.space) if keys is None else keys
+        order = sorted(keys, key=lambda k: len(self.space[k].when or {}))
+        out: list[dict[str, Any]] = [{}]
+        for key in order:
+            p = self.space[key]
+            nxt = []
+            for c in out:
+                if all(c.get(o) in (w if isinstance(w, (list, tuple)) else [w]) for o, w in (p.when or {}).items()):
+                    nxt += [{**c, key: v} for v in p.values]
+                else:
+                    nxt.append(c)
+            out = nxt
+        return out
 
 
 DRIVER_RESOURCE_AMOUNT = 0.01  # of resources.driver_resource per trial driver
@@ -438,6 +472,25 @@ def check_search_space(spec: SweepSpec) -> None:
                 raise SpecError(f"{where}.when: an entry cannot depend on itself")
             if cond not in spec.search.space:
                 raise SpecError(f"{where}.when: {cond!r} is not a search-space key")
+    s = spec.search
+    if s.grid:
+        if not_choice := [k for k, p in s.space.items() if p.type != "choice"]:
+            raise SpecError(f"search.sampler: grid enumerates `choice` entries only; {', '.join(not_choice)} "
+                            "is a range (use sampler: tpe or random, or list its values)")
+        n = len(s.configurations())
+        budget = s.num_trials - (1 if s.baseline else 0)
+        if budget > n:
+            raise SpecError(f"search.num_trials: {s.num_trials} trials{' (1 KD baseline + ' + str(budget) + ' e²KD)' if s.baseline else ''} "
+                            f"but the all-`choice` space has {n} configurations, each run once; set num_trials <= "
+                            f"{n + (1 if s.baseline else 0)}")
+    if s.kd_arm == "tuned":
+        if "loss.lam" not in s.space:
+            raise SpecError("search.kd_arm: tuned compares tuned KD with tuned e²KD: search.space needs loss.lam")
+        if len(s.space) < 2:
+            raise SpecError("search.kd_arm: tuned needs a searched field besides loss.lam (the KD arm searches the "
+                            "space without λ); with λ alone, kd_arm: baseline is the fair comparison")
+        if any("loss.lam" in (p.when or {}) for p in s.space.values()):
+            raise SpecError("search.kd_arm: tuned: no entry may depend on loss.lam (the KD arm has no λ)")
     from trainables.data.base import family
 
     # The family's declared splits: no disk access, so cluster specs validate on a laptop.

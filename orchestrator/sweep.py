@@ -9,6 +9,7 @@ after ``Tuner.restore``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -53,47 +54,83 @@ def _active(p, values: dict[str, Any]) -> bool:
     return True
 
 
+ROLE = "_role"  # config key (ignored by trial_config) naming a KD trial's part in the comparison
+ROLE_BASELINE, ROLE_MATCHED, ROLE_TUNED = "baseline", "matched", "tuned"
+GRID_ATTR = "e2kd.grid_index"
+
+
 class SearchSpace:
     """Define-by-run space (a picklable callable: Tune checkpoints the searcher with it).
 
     The first trial of a study is the KD baseline: ``loss.lam`` is fixed to 0 (not suggested, so
     the sampler's λ distribution keeps its log scale), every other searched field keeps the spec's
     own value, and the trial is marked with a user attribute, so it is the fixed first point of
-    every sweep and is recognised again after a resume."""
+    every sweep and is recognised again after a resume.
 
-    def __init__(self, spec: SweepSpec):
+    ``kd_role``: the role the KD trials of this study get (``tuned`` for the KD arm's search, whose
+    space has no λ). With ``search.grid`` every other trial takes the next configuration of the
+    space not yet in the study (seeded order, stored as a user attribute): none runs twice, which
+    a sampler on an all-categorical space cannot promise (Optuna's BruteForceSampler would, but it
+    counts the parameter-less baseline trial as a finished search and stops the study)."""
+
+    def __init__(self, spec: SweepSpec, kd_role: str = ROLE_BASELINE):
         self.spec = spec
+        self.kd_role = kd_role
         space = spec.search.space
         # Conditional entries are suggested after the entries they depend on.
         self.order = sorted(space, key=lambda k: len(space[k].when or {}))
+        self.grid: list[dict[str, Any]] | None = None
+        if spec.search.grid:
+            import random
+
+            self.grid = spec.search.configurations()
+            if kd_role == ROLE_TUNED:  # the KD arm: the baseline (main study) already ran the spec's own setting
+                flat = flatten(spec.train)
+                self.grid = [c for c in self.grid if any(flat.get(k) != v for k, v in c.items())]
+            random.Random(spec.search.seed).shuffle(self.grid)
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         spec, space = self.spec, self.spec.search.space
         study_trials = trial.study.get_trials(deepcopy=False)
         is_baseline = spec.search.baseline and not any(t.user_attrs.get(BASELINE_ATTR) for t in study_trials)
+        kd = spec.train.loss.lam == 0  # the KD arm's study: every trial is KD
         values: dict[str, Any] = {}
-        consts: dict[str, Any] = {}
+        consts: dict[str, Any] = {ROLE: self.kd_role} if kd else {}
         if is_baseline:
             trial.set_user_attr(BASELINE_ATTR, True)
-            consts["loss.lam"] = 0.0
+            consts.update({"loss.lam": 0.0, ROLE: ROLE_BASELINE})
             flat = flatten(spec.train)
             for key in self.order:
                 if key != "loss.lam":
                     consts[key] = values[key] = flat[key]
             return consts
+        if self.grid is not None:
+            used = {t.user_attrs.get(GRID_ATTR) for t in study_trials if t.number != trial.number}
+            i = next((i for i in range(len(self.grid)) if i not in used), None)
+            if i is None:  # spec validation keeps num_trials within the grid; a resumed study may not
+                raise RuntimeError(f"search: all {len(self.grid)} configurations of the space have run")
+            trial.set_user_attr(GRID_ATTR, i)
+            return {**consts, **self.grid[i]}
         for key in self.order:
             if _active(space[key], values):
                 values[key] = _suggest(trial, key, space[key])
         return consts
 
 
-def make_space(spec: SweepSpec) -> SearchSpace:
-    return SearchSpace(spec)
+def make_space(spec: SweepSpec, kd_role: str = ROLE_BASELINE) -> SearchSpace:
+    return SearchSpace(spec, kd_role)
 
 
 def trial_config(base: TrainConfig, config: dict[str, Any]) -> TrainConfig:
-    """Apply the dotted keys Tune/Optuna chose (and constants) to the spec's TrainConfig."""
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if not k.startswith("_")}
+    """Apply the dotted keys Tune/Optuna chose (and constants) to the spec's TrainConfig. A dict
+    value (a grid over joint settings, e.g. ``{"seed": 1, "data.seed": 1}``) applies each of its keys."""
+    flat: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            flat.update(v)
+        elif not k.startswith("_"):
+            flat[k] = v
+    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in flat.items()}
     return with_overrides(base, overrides)
 
 
@@ -165,7 +202,9 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
         ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, spec.name, trial_id,
         params=tracking.trial_params(flatten(cfg)),
         tags={"student": cfg.student, "explainer": cfg.loss.explainer, "teacher": cfg.teacher.arch,
-              "method": "kd" if is_baseline else "e2kd", "seed": str(cfg.seed)}), "creating the trial's run", wait)
+              "method": "kd" if is_baseline else "e2kd", "seed": str(cfg.seed),
+              **({tracking.TAG_KD_ROLE: config.get(ROLE, ROLE_BASELINE)} if is_baseline else {})}),
+        "creating the trial's run", wait)
     client = MlflowClient(ctx.tracking_uri)
     earlier = tracking.retry(lambda: client.get_run(run_id).data.tags.get(TAG_NONFINITE), "reading the trial's run", wait)
     if earlier:  # Tune's trial-level retry of a deterministic NaN: fail at once, train nothing
@@ -182,7 +221,9 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
             name=name, storage_path=ctx.storage_path,
             failure_config=train_failure_config(spec),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback(), tracking.MlflowEpochCallback(ctx.tracking_uri, run_id, outbox.uri),
+            # The MLflow record is buffered before Tune sees the report: once Tune has it, ASHA may
+            # stop the trial at once and the stopping epoch's record would be lost.
+            callbacks=[tracking.MlflowEpochCallback(ctx.tracking_uri, run_id, outbox.uri), TuneReportCallback(),
                        tracking.NonFiniteFailFast()],
         ),
     )
@@ -251,7 +292,7 @@ def asha_rungs(spec: SweepSpec) -> tuple[int, ...]:
     return tuple(rungs)
 
 
-def overhead_rows(grid: ray.tune.ResultGrid) -> list[dict[str, Any]]:
+def overhead_rows(grid) -> list[dict[str, Any]]:
     """Per trial: Tune's wall time and what the trial's reports say it spent it on."""
     rows = []
     for r in grid:
@@ -299,19 +340,43 @@ def experiment_path(spec: SweepSpec, storage: str) -> str:
     return f"{storage.rstrip('/')}/{spec.name}"
 
 
-def build_searcher(spec: SweepSpec) -> OptunaSearch:
+def build_searcher(spec: SweepSpec, kd_role: str = ROLE_BASELINE) -> OptunaSearch:
     s = spec.search
-    sampler = (optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials) if s.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=s.seed))
+    # (grid: the space function picks every configuration itself; the sampler is never asked)
+    sampler = (optuna.samplers.RandomSampler(seed=s.seed) if s.sampler == "random"
+               else optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials))
     # metric/mode go to OptunaSearch itself: with a define-by-run space TuneConfig's are not forwarded.
-    return OptunaSearch(space=make_space(spec), metric=s.metric, mode=s.mode, sampler=sampler)
+    return OptunaSearch(space=make_space(spec, kd_role), metric=s.metric, mode=s.mode, sampler=sampler)
 
 
-def build_tuner(spec: SweepSpec, ctx: DriverContext, callbacks: list, grid: dict[str, list] | None = None):
+def is_reference_kd(config: dict[str, Any]) -> bool:
+    """The KD runs every e²KD result is compared with: the baseline and the matched KD run. (A
+    sweep from before roles existed: its KD trial.)"""
+    role = config.get(ROLE)
+    return role in (ROLE_BASELINE, ROLE_MATCHED) or (role is None and config.get("loss.lam") == 0)
+
+
+class ReferenceKDASHA(ASHAScheduler):
+    """ASHA that never stops the reference KD trial: a KD baseline cut at its first rung would be
+    compared with fully trained e²KD students. Its results still enter the rungs (it is a trial
+    like the others for the cut-offs)."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and is_reference_kd(trial.config) and result.get(self._time_attr, 0) < self._max_t:
+            self._num_stopped -= 1
+            return self.CONTINUE
+        return action
+
+
+def build_tuner(spec: SweepSpec, ctx: DriverContext, callbacks: list, grid: dict[str, list] | None = None,
+                tune_name: str | None = None, kd_role: str = ROLE_BASELINE):
     """The Tuner and the trainable it wraps (``Tuner.restore`` needs the same trainable).
 
     Without ``grid``: Optuna over ``search.space`` (+ ASHA). With ``grid`` (dotted key -> values):
-    every combination once, no early stopping — the fixed comparison ``e2kd compare`` runs."""
+    every combination once, no early stopping — the fixed comparison ``e2kd compare`` runs.
+    ``tune_name``: the Tune experiment's name (default: the sweep's; the sweep's later phases
+    have their own); ``kd_role``: see :class:`SearchSpace`."""
     s = spec.search
     driver_res: dict[str, float] = {"CPU": spec.resources.driver_cpus}
     if spec.resources.driver_resource:
@@ -319,8 +384,8 @@ def build_tuner(spec: SweepSpec, ctx: DriverContext, callbacks: list, grid: dict
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, ctx=ctx), driver_res)
     if grid is None:
         tune_config = ray.tune.TuneConfig(
-            search_alg=build_searcher(spec), num_samples=s.num_trials, max_concurrent_trials=ctx.max_concurrent,
-            scheduler=(ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.train.epochs,
+            search_alg=build_searcher(spec, kd_role), num_samples=s.num_trials, max_concurrent_trials=ctx.max_concurrent,
+            scheduler=(ReferenceKDASHA(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.train.epochs,
                                      grace_period=min(s.grace_period, spec.train.epochs),
                                      reduction_factor=s.reduction_factor)
                        if s.scheduler == "asha" else FIFOScheduler()))
@@ -331,10 +396,54 @@ def build_tuner(spec: SweepSpec, ctx: DriverContext, callbacks: list, grid: dict
     return ray.tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config,
         run_config=ray.tune.RunConfig(
-            name=spec.name, storage_path=ctx.storage_path, callbacks=callbacks,
+            name=tune_name or spec.name, storage_path=ctx.storage_path, callbacks=callbacks,
             failure_config=ray.tune.FailureConfig(max_failures=spec.max_failures),
             verbose=1),
     ), trainable
+
+
+KD_ARM_PHASE, MATCHED_PHASE = "kd-arm", "kd-matched"
+
+
+def kd_arm_spec(spec: SweepSpec) -> SweepSpec | None:
+    """The KD arm of ``search.kd_arm: tuned``: the e²KD search's space without λ, λ = 0, as many
+    trials as the e²KD search has (num_trials - 1), the baseline (run by the main study) being its
+    first. A grid is capped at the configurations the baseline has not run."""
+    import dataclasses
+
+    from trainables.config import with_overrides
+
+    s = spec.search
+    space = {k: v for k, v in s.space.items() if k != "loss.lam"}
+    n = s.num_trials - 2
+    probe = dataclasses.replace(s, space=space, baseline=False, kd_arm="baseline")
+    if probe.grid:
+        flat = flatten(spec.train)
+        n = min(n, sum(any(flat.get(k) != v for k, v in c.items()) for c in probe.configurations()))
+    if n < 1:
+        return None
+    return dataclasses.replace(spec, search=dataclasses.replace(probe, num_trials=n),
+                               train=with_overrides(spec.train, {"loss.lam": 0.0}))
+
+
+def matched_kd_setting(spec: SweepSpec, results) -> dict[str, Any] | None:
+    """The searched non-λ settings of the best e²KD trial that ran every epoch, when no KD trial
+    that ran every epoch shares them (None: nothing to add). The report compares the best e²KD
+    trial with a KD run of the same student, τ, optimiser and epochs; this is the run that makes it."""
+    s = spec.search
+    full = [r for r in results if r.metrics and r.metrics.get("epoch") == spec.train.epochs and s.metric in r.metrics
+            and r.config]
+    e2 = [r for r in full if r.config.get("loss.lam", spec.train.loss.lam) != 0]
+    if not e2:
+        return None
+    best = (max if s.mode == "max" else min)(e2, key=lambda r: r.metrics[s.metric])
+    setting = {k: best.config[k] for k in s.space if k != "loss.lam" and k in best.config}
+    flat = flatten(spec.train)
+    for r in full:
+        if r.config.get("loss.lam", spec.train.loss.lam) == 0 and all(
+                r.config.get(k, flat.get(k)) == v for k, v in setting.items()):
+            return None
+    return setting
 
 
 def resolve_storage(storage: str) -> str:
@@ -344,7 +453,12 @@ def resolve_storage(storage: str) -> str:
 def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None = None,
               log=print, grid: dict[str, list] | None = None) -> ray.tune.ResultGrid:
     """Run (or resume) a sweep on the Ray instance already initialised by the caller.
-    ``grid`` replaces the Optuna search by a fixed grid (see :func:`build_tuner`)."""
+    ``grid`` replaces the Optuna search by a fixed grid (see :func:`build_tuner`).
+
+    A search runs in up to three phases, each its own Tune experiment under ``storage`` (so each
+    resumes on its own) and all children of one MLflow parent: the search (KD baseline + e²KD),
+    with ``search.kd_arm: tuned`` the KD arm's search, then — when no KD trial shares the best
+    e²KD trial's student/τ/optimiser — one KD run at that setting. Returns the search's ResultGrid."""
     from mlflow import MlflowClient
 
     cap = check_schedulable(spec)  # before any MLflow run or Tune state: a refused sweep leaves nothing behind
@@ -357,13 +471,15 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
     can_restore = ray.tune.Tuner.can_restore(path)
     if resume and not can_restore:
         log(f"[e2kd] nothing to resume at {path}; starting the sweep")
-    if not resume and can_restore:
+    phase_paths = [f"{path}.{ph}" for ph in (KD_ARM_PHASE, MATCHED_PHASE)]
+    if not resume and (can_restore or any(ray.tune.Tuner.can_restore(p) for p in phase_paths)):
         raise RuntimeError(f"a sweep named {spec.name!r} already exists at {path}: pass --resume to continue it, "
                            f"or --set name=<new name> to start another")
     parent = tracking.find_parent(client, exp_id, spec.name) if (resume and can_restore) else None
     if parent is None:
         parent = tracking.create_parent(client, exp_id, spec.name, spec.source, tracking.trial_params(spec.params()),
-                                        tags={"e2kd.metric": spec.search.metric, "e2kd.mode": spec.search.mode})
+                                        tags={"e2kd.metric": spec.search.metric, "e2kd.mode": spec.search.mode,
+                                              "e2kd.kd_arm": spec.search.kd_arm})
     else:
         log(f"[e2kd] resuming sweep {spec.name!r}: MLflow parent run {parent}")
         client.set_terminated(parent, status="RUNNING")
@@ -371,11 +487,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
                         start_timeout_s=start_timeout_s(spec, cap), max_concurrent=concurrency(spec, cap),
                         checkpoint_at=asha_rungs(spec) if grid is None else ())
     finalizer = tracking.MlflowTrialFinalizer(uri, exp_id, parent, storage, spec.name, spec.mlflow.retry_s)
-    tuner, trainable = build_tuner(spec, ctx, [finalizer], grid)
-    if resume and can_restore:
-        # Finished trials are restored, not rerun; the searcher (with its Optuna study, including
-        # the KD baseline) is unpickled from the experiment state.
-        tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     n_trials = math.prod(len(v) for v in grid.values()) if grid else spec.search.num_trials
     log(f"[e2kd] sweep {spec.name!r}: {n_trials} trials × {spec.resources.workers_per_trial} "
         f"Ray Train workers, up to {ctx.max_concurrent} at once "
@@ -383,34 +494,72 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         f"timeout {ctx.start_timeout_s:g} s); results in {path}; MLflow {tracking.mask_uri(uri)} "
         f"(experiment {spec.mlflow.experiment!r}, parent run {parent})")
     t0 = time.time()
-    try:
-        grid = tuner.fit()
-    except KeyboardInterrupt:
-        log(f"[e2kd] interrupted: resume with `e2kd sweep {spec.source} --resume`")
-        client.set_terminated(parent, status="KILLED")
-        raise
-    # Child runs the finaliser could not close (MLflow down at the time), also those of an earlier
-    # run of a resumed sweep: their trials are over, so finish them now.
-    # (Tune's ResultGrid keeps the Trial objects only in a private attribute; its own counters use it.)
-    unsent = finalizer.finalize_leftovers(grid._experiment_analysis.trials)
-    if unsent:
-        log(f"[e2kd] MLflow {tracking.mask_uri(uri)} did not answer for {spec.mlflow.retry_s:g} s: {len(unsent)} trial "
-            f"run(s) not finalised ({', '.join(unsent)}); their records stay in {storage}; run "
-            f"`e2kd sweep {spec.source or 'SPEC'} --resume` when the server is back to send them")
-        return grid
-    log_overhead(client, parent, grid, time.time() - t0, log)
-    finished = grid.num_terminated + grid.num_errors
-    if finished < n_trials and not grid.errors:
-        # Tune catches the first Ctrl-C itself, saves the experiment and returns early.
-        log(f"[e2kd] sweep stopped after {finished}/{n_trials} trials: resume with "
-            f"`e2kd sweep {spec.source or 'SPEC'} --resume`")
-        client.set_terminated(parent, status="KILLED")
-        return grid
-    client.set_terminated(parent, status="FINISHED" if not grid.errors else "FAILED")
-    return grid
+
+    def phase(pspec: SweepSpec, pgrid: dict[str, list] | None, name: str, kd_role: str = ROLE_BASELINE):
+        """Fit (or restore and finish) one Tune experiment -> (its ResultGrid, whether the sweep goes on:
+        False when it stopped short (Ctrl-C) or MLflow could not be told)."""
+        pctx = dataclasses.replace(ctx, spec=pspec, checkpoint_at=asha_rungs(pspec) if pgrid is None else ())
+        tuner, trainable = build_tuner(pspec, pctx, [finalizer], pgrid, tune_name=name, kd_role=kd_role)
+        ppath = f"{storage.rstrip('/')}/{name}"
+        if resume and ray.tune.Tuner.can_restore(ppath):
+            # Finished trials are restored, not rerun; the searcher (with its Optuna study, including
+            # the KD baseline) is unpickled from the experiment state.
+            tuner = ray.tune.Tuner.restore(ppath, trainable=trainable, resume_errored=True)
+        try:
+            res = tuner.fit()
+        except KeyboardInterrupt:
+            log(f"[e2kd] interrupted: resume with `e2kd sweep {spec.source} --resume`")
+            client.set_terminated(parent, status="KILLED")
+            raise
+        # Child runs the finaliser could not close (MLflow down at the time), also those of an earlier
+        # run of a resumed sweep: their trials are over, so finish them now.
+        # (Tune's ResultGrid keeps the Trial objects only in a private attribute; its own counters use it.)
+        unsent = finalizer.finalize_leftovers(res._experiment_analysis.trials)
+        if unsent:
+            log(f"[e2kd] MLflow {tracking.mask_uri(uri)} did not answer for {spec.mlflow.retry_s:g} s: {len(unsent)} "
+                f"trial run(s) not finalised ({', '.join(unsent)}); their records stay in {storage}; run "
+                f"`e2kd sweep {spec.source or 'SPEC'} --resume` when the server is back to send them")
+            return res, False
+        want = math.prod(len(v) for v in pgrid.values()) if pgrid else pspec.search.num_trials
+        finished = res.num_terminated + res.num_errors
+        if finished < want and not res.errors:
+            # Tune catches the first Ctrl-C itself, saves the experiment and returns early.
+            log(f"[e2kd] sweep stopped after {finished}/{want} trials of {name}: resume with "
+                f"`e2kd sweep {spec.source or 'SPEC'} --resume`")
+            client.set_terminated(parent, status="KILLED")
+            return res, False
+        return res, True
+
+    main, ok = phase(spec, grid, spec.name)
+    if not ok:
+        return main
+    results = list(main)
+    errors = bool(main.errors)
+    if grid is None:
+        kspec = kd_arm_spec(spec) if spec.search.kd_arm == "tuned" else None
+        if kspec is not None:
+            log(f"[e2kd] KD arm: {kspec.search.num_trials} more KD trials over {', '.join(kspec.search.space)} "
+                "(the e²KD search's budget; the baseline was the first)")
+            arm, ok = phase(kspec, None, f"{spec.name}.{KD_ARM_PHASE}", kd_role=ROLE_TUNED)
+            if not ok:
+                return main
+            results += list(arm)
+            errors |= bool(arm.errors)
+        setting = matched_kd_setting(spec, results)
+        if setting is not None:
+            log(f"[e2kd] matched KD: the best e²KD trial has {setting}; no KD trial ran it, so one KD run does")
+            mgrid = {**{k: [v] for k, v in setting.items()}, "loss.lam": [0.0], ROLE: [ROLE_MATCHED]}
+            matched, ok = phase(spec, mgrid, f"{spec.name}.{MATCHED_PHASE}")
+            if not ok:
+                return main
+            results += list(matched)
+            errors |= bool(matched.errors)
+    log_overhead(client, parent, results, time.time() - t0, log)
+    client.set_terminated(parent, status="FINISHED" if not errors else "FAILED")
+    return main
 
 
-def log_overhead(client, parent: str, grid: ray.tune.ResultGrid, wall_s: float, log=print) -> None:
+def log_overhead(client, parent: str, grid, wall_s: float, log=print) -> None:
     """Print where the sweep's time went and keep it on the parent run (a blip costs the table, not
     the sweep). On a resumed sweep the wall time is this session's, the trials' times all of theirs."""
     rows = overhead_rows(grid)

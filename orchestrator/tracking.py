@@ -384,10 +384,15 @@ class NonFiniteFailFast(ray.train.UserCallback):
                 raise NonFiniteLossError(f"worker rank {rank}: {e}")
 
 
+TAG_STOPPED_EARLY = "e2kd.stopped_early"  # "epoch N of M" on a run the scheduler stopped
+TAG_KD_ROLE = "e2kd.kd_role"  # a KD run's part in the comparison: baseline | matched | tuned
+
+
 class MlflowTrialFinalizer(ray.tune.Callback):
     """Runs in the sweep process: sends what is left in each trial's outbox, logs the final student
     from the trial's last checkpoint and closes the child run — FINISHED only when the student is
-    in MLflow, FAILED otherwise. ASHA-stopped trials count as finished.
+    in MLflow, FAILED otherwise. ASHA-stopped trials count as finished and are tagged
+    ``e2kd.stopped_early``.
 
     When the tracking server stays down longer than ``retry_s``, the trial is left RUNNING in MLflow
     and the sweep goes on; :meth:`finalize_leftovers` (at the end of the sweep, and again on
@@ -413,6 +418,10 @@ class MlflowTrialFinalizer(ray.tune.Callback):
         if run_id is None:
             return
         Outbox(outbox_uri(self.storage, train_run_name(self.sweep, trial_id))).drain(client)
+        ran, want = (last_result or {}).get("epoch"), client.get_run(run_id).data.params.get("epochs")
+        if status == "FINISHED" and ran is not None and want and int(ran) < int(want):
+            # ASHA stopped it: FINISHED (its student is logged) but never read as a fully trained run.
+            client.set_tag(run_id, TAG_STOPPED_EARLY, f"epoch {int(ran)} of {int(want)}")
         if status == "FINISHED":
             ckpt = (last_result or {}).get("checkpoint_path")
             try:

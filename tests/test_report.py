@@ -48,8 +48,12 @@ def test_compare_table_is_mean_std_and_paired_difference(store):
     text = report.compare_table(children)
     kd, e2 = zip(*SWEEPS["s3"][1].values())
     row = next(line for line in text.splitlines() if line.startswith("| test_acc"))
-    assert row == f"| test_acc | {_ms(kd)} | {_ms(e2)} | {_ms(np.subtract(e2, kd))} |"
-    assert "6 finished runs" in text
+    from scipy import stats
+
+    d = np.subtract(e2, kd)
+    p = stats.ttest_rel(e2, kd).pvalue  # the paired test, from its own scipy entry point
+    assert row == f"| test_acc | {_ms(kd)} | {_ms(e2)} | {_ms(d)} | {int((d > 0).sum())}/3 | {p:.2g} |"
+    assert "6 finished runs" in text and "p: two-sided paired t-test" in text
 
 
 def test_trend_sorts_numerically_pairs_seeds_and_plots(store, tmp_path, capsys):
