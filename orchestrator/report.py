@@ -295,6 +295,16 @@ def compare_table(children, metrics: tuple[str, ...] | None = None) -> str:
                 row += [_fmt(d), f"{sum(x > 0 for x in d)}/{len(d)}", _p_paired(d)]
         lines.append("| " + " | ".join(row) + " |")
     seeds = sorted({s for g in groups.values() for s in g})
+    if base is not None:  # the per-seed differences behind each mean ± std and p-value
+        for lam in lams:
+            if lam == 0:
+                continue
+            common = sorted(set(base) & set(groups[lam]))
+            lines += ["", f"per-seed Δ λ={lam:g} − KD (points)", "",
+                      "| metric | " + " | ".join(f"seed {s}" for s in common) + " |", "|---" * (len(common) + 1) + "|"]
+            for k in keys:
+                lines.append(f"| {k} | " + " | ".join(
+                    f"{100 * (groups[lam][s].get(k, math.nan) - base[s].get(k, math.nan)):+.1f}" for s in common) + " |")
     data_seeds = sorted({int(r.data.params["data.seed"]) for r in children
                          if r.info.status == "FINISHED" and "data.seed" in r.data.params})
     lines.append(f"\nseeds: {seeds}" + (f"; data subsets (data.seed): {data_seeds}" if data_seeds else "")

@@ -54,6 +54,8 @@ def test_compare_table_is_mean_std_and_paired_difference(store):
     p = stats.ttest_rel(e2, kd).pvalue  # the paired test, from its own scipy entry point
     assert row == f"| test_acc | {_ms(kd)} | {_ms(e2)} | {_ms(d)} | {int((d > 0).sum())}/3 | {p:.2g} |"
     assert "6 finished runs" in text and "p: two-sided paired t-test" in text
+    per_seed = [line for line in text.splitlines() if line.startswith("| test_acc")][1]
+    assert per_seed == "| test_acc | " + " | ".join(f"{100 * x:+.1f}" for x in d) + " |"
 
 
 def test_trend_sorts_numerically_pairs_seeds_and_plots(store, tmp_path, capsys):
