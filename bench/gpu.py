@@ -135,13 +135,14 @@ def decisive(teacher: nn.Module, pool: Tensor, k: int) -> Tensor:
 
 
 def train_config(variant: str) -> TrainConfig:
-    """The TrainConfig a trial of this variant would have (amp bf16, channels_last)."""
+    """The TrainConfig a trial of this variant would have (precision bf16, channels_last)."""
     bcos = variant.startswith("bcos")
     explainer = {"e2kd_autograd": "gradcam_autograd"}.get(variant, "bcos_weight" if bcos else "gradcam")
     lam = 0.0 if variant in ("kd", "bcos_kd") else 1.0
     return TrainConfig(student="bcos_resnet18" if bcos else "resnet18",
                        teacher=TeacherConfig(arch="bcos_resnet34" if bcos else "resnet34"),
-                       loss=LossConfig(temperature=1.0, lam=lam, explainer=explainer), amp="bf16", channels_last=True)
+                       loss=LossConfig(temperature=1.0, lam=lam, explainer=explainer), precision="bf16",
+                       channels_last=True)
 
 
 def loss_and_grads(student: nn.Module, teacher: nn.Module, cfg: TrainConfig, x: Tensor,

@@ -15,8 +15,8 @@ on the first batch), in alternating order (0, K, 0, K, ...), each epoch timed fr
 creation (loader start-up included). The ratio is of median images/s.
 
 ``--ray-data`` adds a third side in the same run, interleaved (0, K, R, R, K, 0, ...): a Ray Data
-pipeline doing the same per-sample work with our functions (``load_rgb`` -> ``eval_view`` ->
-``sample_view`` with the sampler's seed -> ``apply_view`` -> ``encode``) on the same samples (the
+pipeline doing the same per-sample work with our functions (``load_rgb`` -> ``sample_view`` on
+the full image with the sampler's seed -> ``apply_view`` -> ``encode``) on the same samples (the
 sampler's epoch order, the full batches the DataLoader yields): ``ray.data.from_items`` of
 (path, label, position, seed) rows -> ``map_batches`` (batches of ``--batch`` rows, one task per CPU) ->
 ``iter_torch_batches``, on a local Ray instance with ``--cpus`` CPUs (default: this machine's),
@@ -117,14 +117,14 @@ class RaySamples:
 
     def __call__(self, rows: dict) -> dict:
         from trainables.data.folders import load_rgb
-        from trainables.data.transforms import apply_view, encode, eval_view, sample_view
+        from trainables.data.transforms import apply_view, encode, sample_view
 
         images = []
         for path, seed in zip(rows["path"], rows["seed"]):
-            img, _ = eval_view(load_rgb(str(path)), self.size)
+            img = load_rgb(str(path))  # the full image: training crops are cut from it
             h, w = img.shape[-2:]
             view = sample_view(h, w, self.scale, self.ratio, self.hflip, int(seed))
-            (img,) = apply_view(view, (h, w), img)
+            (img,) = apply_view(view, self.size, img)
             images.append(encode(img, "rgb", self.mean, self.std).numpy())
         return {"image": np.stack(images), "label": rows["label"], "pos": rows["pos"]}
 

@@ -84,13 +84,14 @@ def _shard_facts(uri: str) -> tuple[str, int, np.ndarray]:
 
 def build_cache(teacher_dir: str | os.PathLike, data: DataConfig, explainer: str, out_dir: str | os.PathLike,
                 batch_size: int = 64, use_gpu: bool = False, progress: bool = True,
-                max_map_side: int | None = 56, num_actors: int | None = None, cpus_per_actor: int = 1,
+                max_map_side: int | None = None, num_actors: int | None = None, cpus_per_actor: int = 1,
                 rows_per_shard: int = 8192, overwrite: bool = False) -> dict:
     """Build the teacher cache for ``data``'s distillation (train) split; returns the manifest.
 
     ``teacher_dir`` and ``out_dir``: local paths (shared storage on a multi-node cluster) or store
     URIs. The teacher explains its top-1 class on the un-augmented view, in its own input encoding.
-    ``max_map_side`` bounds the stored map resolution (B-cos W(x) at 224 px -> 6x56x56).
+    ``max_map_side`` bounds the stored map resolution (B-cos W(x) at 224 px -> 6x56x56 with 56);
+    None stores it at full resolution, the paper's frozen maps (``teacher.cache_map_side``).
     """
     teacher_dir = storage.normalize(teacher_dir)
     if data.root is not None:  # actors may run elsewhere: make the path absolute (fingerprint ignores it)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--explainer", default="gradcam")
     p.add_argument("--out", required=True, help="cache directory or store URI (s3://bucket/caches/x)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-map-side", type=int, default=56)
+    p.add_argument("--max-map-side", type=int, default=None, help="default: maps at full resolution")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)

@@ -40,9 +40,10 @@ def _logit_bias(model: nn.Module) -> float:
     return float(net.logit_bias.detach())
 
 
-@pytest.mark.parametrize("name,size", [("small_bcos_cnn", 32), ("bcos_resnet18", 64)])
-def test_contribution_identity(name, size):
-    model = _bcos_model(name, seed=0, size=size)
+@pytest.mark.parametrize("name,size,num_classes", [("small_bcos_cnn", 32, 10), ("bcos_resnet18", 64, 10),
+                                                    ("bcos_resnet18", 64, 20)])
+def test_contribution_identity(name, size, num_classes):
+    model = _bcos_model(name, seed=0, size=size, num_classes=num_classes)
     torch.manual_seed(1)
     x = bcos_encode(torch.rand(3, 3, size, size, dtype=torch.float64))
     logits = model(x).detach()
@@ -64,6 +65,25 @@ def test_contribution_identity(name, size):
     (plain,) = torch.autograd.grad(model(xg).gather(1, t[:, None]).sum(), xg)
     w = explain(model, x, t, method="bcos_weight", resize=False).maps
     assert (plain - w).abs().max() > 1e-3 * w.abs().max()
+
+
+@pytest.mark.parametrize("name", ["small_bcos_cnn", "bcos_resnet18", "bcos_vit_tiny"])
+@pytest.mark.parametrize("num_classes", [2, 20, 1000])
+def test_logit_bias_follows_the_class_count(name, num_classes):
+    """-log(C - 1) for the model's own class count (the bcos builders would keep ImageNet's -log 999):
+    sigmoid(bias) = 1/C, the uniform prior, for 20-class multi-label VOC as for ImageNet."""
+    import math
+
+    model = build_model(name, num_classes)
+    if name == "bcos_vit_tiny":  # the bias sits in the LogitLayer that ends its BcosSequential
+        from bcos.modules.logitlayer import LogitLayer
+
+        (layer,) = [m for m in model.modules() if isinstance(m, LogitLayer)]
+        bias = float(layer.logit_bias)
+    else:
+        bias = _logit_bias(model)
+    assert bias == pytest.approx(-math.log(num_classes - 1), abs=1e-6)
+    assert torch.sigmoid(torch.tensor(bias)).item() == pytest.approx(1 / num_classes, rel=1e-5)
 
 
 def _grads_of(model: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:

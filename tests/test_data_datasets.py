@@ -94,6 +94,10 @@ def test_train_augmentation_shapes_and_randomness():
     assert torch.equal(no_aug[0]["image"], build_dataset(DataConfig(), "train")[0]["image"])
     v = sample_view(32, 32, (0.6, 1.0), (3 / 4, 4 / 3), True)
     assert 0.5 <= v.height * v.width / 1024 <= 1.05
+    # digits: the un-augmented view is the full image, so eval = cache view = the record itself
+    ds = build_dataset(DataConfig(), "train")
+    assert torch.equal(ds[3]["image"], build_dataset(DataConfig(), "train", view="full")[3]["image"])
+    assert ds.record(3).image.shape == (3, 32, 32)
 
 
 # ------------------------------------ decoy-digits -------------------------------------------
@@ -291,10 +295,10 @@ def test_voc_labels_and_boxes(voc_root):
     assert boxes.shape == (MAX_BOXES, 5)
     real = boxes[boxes[:, 0] >= 0]
     assert sorted(real[:, 0].long().tolist()) == sorted([VOC_CLASSES.index("dog"), VOC_CLASSES.index("person")])
-    # 40x30 image -> Resize(shorter side 34) -> 45x34 -> CenterCrop 30 (left 8, top 2); VOC xmin 1 -> x 0
-    sx, sy, ox, oy = 45 / 40, 34 / 30, 8, 2
+    # evaluation view: the whole 40x30 image resized to 30x30 (no crop); VOC xmin 1 -> x 0
+    sx, sy = 30 / 40, 30 / 30
     dog = real[real[:, 0] == VOC_CLASSES.index("dog")][0, 1:]
-    expect = torch.tensor([0 * sx - ox, 0 * sy - oy, 20 * sx - ox, 30 * sy - oy]).clamp(0, 30)
+    expect = torch.tensor([0 * sx, 0 * sy, 20 * sx, 30 * sy])
     assert torch.allclose(dog, expect, atol=1e-4)
     assert ds[2]["label"].sum() == 1 and (ds[2]["boxes"][:, 0] >= 0).sum() == 2
     # boxes follow the augmentation: stay inside the view; a flipped sample mirrors them
@@ -318,3 +322,137 @@ def test_multilabel_kshot_covers_every_class():
     sel = k_shot_multilabel(mh, 4, seed=1, class_names=VOC_CLASSES)
     assert (mh[sel].sum(0) >= 4).all() and len(set(sel.tolist())) == len(sel)
     assert np.array_equal(sel, k_shot_multilabel(mh, 4, seed=1, class_names=VOC_CLASSES))
+
+
+# ------------------------------------ the paper's training view ------------------------------
+# Golden checks of the training crop against torchvision's own RandomResizedCrop (+ flip), driven
+# by the same seeds: an independent code path (v1 transforms, applied to the decoded file).
+
+PRESETS = {"imagefolder": (0.08, 1.0), "waterbirds": (0.7, 1.0), "voc": (0.08, 1.0)}
+
+
+@pytest.mark.parametrize("name,scale", sorted(PRESETS.items()))
+def test_presets_carry_the_paper_code_crop_scale(name, scale):
+    cfg = default_config(name)
+    assert cfg.crop_scale == scale and cfg.crop_ratio == pytest.approx((3 / 4, 4 / 3)) and cfg.hflip
+    assert cfg.image_size == 224
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.7, 1.0)])
+def test_crop_box_statistics_match_torchvision_sampler(scale):
+    """Over 2,000 seeds on a 375x500 image: every box equals torchvision's
+    RandomResizedCrop.get_params under the same seed, its area fraction lies in the preset's scale
+    range, and the mean area fraction (golden value within sampling error) is the sampler's."""
+    import torchvision.transforms as T
+
+    h, w, ratio = 375, 500, (3 / 4, 4 / 3)
+    ours, theirs = [], []
+    for seed in range(2000):
+        v = sample_view(h, w, scale, ratio, hflip=True, seed=seed)
+        torch.manual_seed(seed)
+        i, j, hh, ww = T.RandomResizedCrop.get_params(torch.empty(3, h, w), scale, ratio)
+        flip = bool(torch.rand(1) < 0.5)  # what RandomHorizontalFlip draws next
+        assert (v.top, v.left, v.height, v.width, v.flip) == (i, j, hh, ww, flip), seed
+        assert 0 <= v.top and v.top + v.height <= h and 0 <= v.left and v.left + v.width <= w
+        ours.append(v.height * v.width / (h * w))
+        theirs.append(hh * ww / (h * w))
+    ours = np.asarray(ours)
+    # int() truncation of the sampled side lengths can put a box a hair under the lower bound
+    assert ours.min() >= scale[0] * 0.97 and ours.max() <= scale[1]
+    assert ours.mean() == pytest.approx(np.mean(theirs), abs=1e-12)
+    # uniform target area, minus rejected draws (boxes that do not fit): below the midpoint
+    lo, hi = scale
+    assert lo < ours.mean() < (lo + hi) / 2 + 0.02
+
+
+@pytest.fixture(scope="module")
+def framed_root(tmp_path_factory):
+    """One-class ImageFolder of 60x40 images: grey inside, a pure red band on the left 8 columns.
+    The 16 px centre-crop view (Resize 18 -> 27x18, CenterCrop 16 at left 6, top 1: full-image
+    x in [13.3, 48.9], y in [2.2, 37.8]) never shows red; crops of the full image do."""
+    root = tmp_path_factory.mktemp("framed")
+    for c in ("a", "b"):
+        for i in range(4):
+            a = np.full((40, 60, 3), 128, np.uint8)
+            a[:, :8] = (255, 0, 0)
+            a[:, 8:] += np.uint8(10 * i)
+            p = root / "train" / c / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(a).save(p)
+    return str(root)
+
+
+def test_training_crops_come_from_the_full_image_not_the_centre_crop(framed_root):
+    import torchvision.transforms as T
+
+    cfg = DataConfig(name="imagefolder", root=framed_root, image_size=16, val_per_class=1, hflip=True,
+                     crop_scale=(0.08, 1.0))
+    ev = build_dataset(cfg, "train", encoding="bcos6")
+    tr = build_dataset(cfg, "train", encoding="bcos6", train=True)
+
+    def red(x):  # pixels that are (close to) pure red
+        return ((x[0] > 0.9) & (x[1] < 0.1) & (x[2] < 0.1)).sum().item()
+
+    assert red(ev[0]["image"]) == 0  # the evaluation view is the centre crop: no red
+    full = tr.record(0).image
+    assert full.shape == (3, 40, 60)
+    with_red, outside = 0, 0
+    for seed in range(60):
+        x = tr[(0, seed)]["image"][:3]
+        # the same pixels as torchvision's RandomResizedCrop(16) + RandomHorizontalFlip on the decoded file
+        torch.manual_seed(seed)
+        want = T.Compose([T.RandomResizedCrop(16, scale=(0.08, 1.0), antialias=True),
+                          T.RandomHorizontalFlip()])(full)
+        assert torch.allclose(x, want, atol=1e-5), seed
+        with_red += red(x) > 0
+        v = sample_view(40, 60, cfg.crop_scale, cfg.crop_ratio, True, seed)
+        outside += v.left < 13.3 or v.left + v.width > 48.9 or v.top < 2.2 or v.top + v.height > 37.8
+    assert with_red >= 5 and outside >= 10  # content and boxes beyond the centre crop occur
+
+
+# ------------------------------------ VOC: boxes never leave the evaluation view -------------
+
+
+@pytest.fixture(scope="module")
+def voc_edges(tmp_path_factory):
+    """Boxes in the corners and along the borders of 60x40 images (the centre crop cuts them)."""
+    root = tmp_path_factory.mktemp("voc_edges")
+    (root / "Annotations").mkdir()
+    (root / "JPEGImages").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    ann = {
+        "e1": [("bird", (1, 1, 4, 4)), ("cat", (57, 37, 60, 40)), ("dog", (1, 30, 60, 40))],
+        "e2": [("car", (1, 1, 6, 40)), ("bus", (55, 1, 60, 40))],
+    }
+    for name, objs in ann.items():
+        xml = _voc_xml(objs).replace("<width>40</width><height>30</height>", "<width>60</width><height>40</height>")
+        (root / "Annotations" / f"{name}.xml").write_text(xml)
+        _img(str(root / "JPEGImages" / f"{name}.jpg"), hash(name) % 1000, size=(60, 40))
+    (root / "ImageSets" / "Main" / "train.txt").write_text("e1\ne2\n")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("e1\ne2\n")
+    return str(root), ann
+
+
+def test_voc_boxes_survive_the_evaluation_view_scaled(voc_edges):
+    root, ann = voc_edges
+    cfg = DataConfig(name="voc", root=root, image_size=32)
+    ds = build_dataset(cfg, "val")
+    sx, sy = 32 / 60, 32 / 40
+    for pos, name in enumerate(("e1", "e2")):
+        it = ds[pos]
+        assert it["image"].shape == (3, 32, 32)
+        rows = it["boxes"][it["boxes"][:, 0] >= 0]
+        assert len(rows) == len(ann[name])  # every box survives
+        assert ((rows[:, 3] - rows[:, 1]) > 0).all() and ((rows[:, 4] - rows[:, 2]) > 0).all()
+        for row, (cls, (x1, y1, x2, y2)) in zip(rows, ann[name]):
+            assert int(row[0]) == VOC_CLASSES.index(cls)
+            want = torch.tensor([(x1 - 1) * sx, (y1 - 1) * sy, x2 * sx, y2 * sy])
+            assert torch.allclose(row[1:], want, atol=1e-4), (name, cls)
+            assert (row[1:] >= 0).all() and (row[1:] <= 32).all()
+    # the view is the whole image resized: the same pixels as torchvision's Resize((32, 32))
+    import torchvision.transforms.v2.functional as TF
+
+    full = ds.record(0).image
+    want = TF.resize(full, [32, 32], antialias=True)
+    enc = build_dataset(cfg, "val", encoding="bcos6")[0]["image"][:3]
+    assert torch.allclose(enc, want, atol=1e-6)

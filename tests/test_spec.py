@@ -35,6 +35,28 @@ def test_shipped_specs_validate(path):
     assert spec.name
 
 
+def test_paper_specs_carry_the_paper_protocol():
+    """fp32, the paper code's crop scales, Table 2's B-cos teacher (ResNet-34) and Table 3's
+    (DenseNet-169) in their own specs, frozen maps at full resolution."""
+    def spec(name):
+        return load_spec(os.path.join(ROOT, "sweeps", name)).train
+
+    paper = ["imagenet-50shot-resnet.yaml", "imagenet-50shot-bcos.yaml", "imagenet-50shot-bcos-d169.yaml",
+             "waterbirds.yaml", "voc.yaml"]
+    for name in paper:
+        assert spec(name).precision == "fp32", name
+    assert spec("waterbirds.yaml").data.crop_scale == (0.7, 1.0)
+    assert spec("voc.yaml").data.crop_scale == (0.08, 1.0)
+    assert spec("imagenet-50shot-resnet.yaml").data.crop_scale == (0.08, 1.0)
+    t2, t3 = spec("imagenet-50shot-bcos.yaml"), spec("imagenet-50shot-bcos-d169.yaml")
+    assert (t2.teacher.arch, t2.student) == ("bcos_resnet34", "bcos_resnet18")
+    assert (t3.teacher.arch, t3.student) == ("bcos_densenet169", "bcos_resnet18")
+    assert t2.teacher.cache_map_side is None and t3.teacher.cache_map_side is None
+    with open(os.path.join(ROOT, "sweeps", "imagenet-50shot-bcos.yaml")) as f:
+        head = f.read(400)
+    assert "Table 2" in head and "ResNet-34" in head and "Table 3" in head  # says where D169 lives
+
+
 def test_quickstart_fields_round_trip():
     spec = load_spec(QUICKSTART)
     assert spec.train.data.name == "digits"

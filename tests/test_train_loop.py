@@ -79,3 +79,25 @@ def test_kd_never_explains_in_training(teacher_dir, monkeypatch):
 def test_nonfinite_loss_stops_with_reason(teacher_dir):
     with pytest.raises(tl.NonFiniteLossError, match="non-finite loss"):
         tl.fit(cfg_for(teacher_dir, "epochs=1", "optim.lr=1e30", "optim.grad_clip=null"), tl.Hooks(log=lambda s: None))
+
+
+def test_precision_option_fp32_default_bf16_on_cuda_only():
+    """fp32 is the default (the paper's arithmetic); bf16 autocasts on CUDA only; a wrong value names
+    the field; the option is a trial parameter (MLflow params, --set)."""
+    from trainables.config import TrainConfig, flatten, with_overrides
+
+    cfg = TrainConfig()
+    assert cfg.precision == "fp32" and flatten(cfg)["precision"] == "fp32"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert isinstance(tl.autocast_context(cfg, cuda), contextlib.nullcontext)  # fp32: no autocast anywhere
+    bf16 = with_overrides(cfg, {"precision": "bf16"})
+    assert isinstance(tl.autocast_context(bf16, cpu), contextlib.nullcontext)  # CPU runs stay fp32
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
+        ctx = tl.autocast_context(bf16, cuda)  # only built, not entered: no GPU needed ("CUDA is not available")
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+    for bad in ("fp16", "auto", "off"):
+        with pytest.raises(ValueError, match=f"precision must be fp32 or bf16; got '{bad}'"):
+            TrainConfig(precision=bad)
+    with pytest.raises(ValueError, match="teacher.cache_map_side"):
+        with_overrides(cfg, {"teacher.cache_map_side": 0})
+    assert flatten(cfg)["teacher.cache_map_side"] is None

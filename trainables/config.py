@@ -49,6 +49,11 @@ class TeacherConfig:
     path: str = "artifacts/teacher"  # directory holding teacher.pt + teacher.json
     mode: Literal["live", "cached"] = "live"
     cache_dir: str | None = None  # required when mode == "cached"
+    # Side the cached maps are stored at (area-downsampled when the native map is larger). null:
+    # full resolution, the paper's frozen maps; 56 stores B-cos W(x) at 6x56x56 (1/16 of the bytes,
+    # but cos ~0.7 to the live map on a random-init B-cos ResNet-18: docs/cache.md). GradCAM maps
+    # (7x7) are stored native either way. Training refuses a cache stored at another resolution.
+    cache_map_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in MODELS:
@@ -57,6 +62,9 @@ class TeacherConfig:
             raise ValueError(f"teacher.mode must be 'live' or 'cached', got {self.mode!r}")
         if self.mode == "cached" and not self.cache_dir:
             raise ValueError("teacher.cache_dir is required when teacher.mode is 'cached'")
+        if self.cache_map_side is not None and (not _is_int(self.cache_map_side) or self.cache_map_side < 1):
+            raise ValueError(f"teacher.cache_map_side must be null (full resolution) or an integer >= 1, "
+                             f"got {self.cache_map_side!r}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,10 @@ class TrainConfig:
     batch_size: int = 64  # global batch, split evenly across Ray Train workers
     seed: int = 0
     eval_splits: tuple[str, ...] = ()  # empty: every evaluation split the dataset has
-    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
+    # Arithmetic of the training and evaluation passes. fp32: full precision everywhere (the paper's
+    # runs; the B-cos double backward is the sensitive part). bf16: bf16 autocast on CUDA (faster,
+    # less memory); a CPU run stays fp32 either way (bf16 matmuls are slow on most CPUs).
+    precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = True  # used on CUDA only
     explain_samples: int = 8  # validation images drawn with teacher/student maps in the PNG grid
     explain_every: int = 5  # epochs between explanation grids (always at the last epoch; 0: only then)
@@ -142,8 +153,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be auto or an integer >= 1, got {self.checkpoint_every!r}")
         if self.sync_bn not in ("auto", True, False) or isinstance(self.sync_bn, int) and not isinstance(self.sync_bn, bool):
             raise ValueError(f"sync_bn must be auto, true or false; got {self.sync_bn!r}")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be auto, bf16 or off; got {self.amp!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16; got {self.precision!r}")
         family = EXPLAINER_FAMILY[self.loss.explainer]
         for role, arch in (("student", self.student), ("teacher.arch", self.teacher.arch)):
             is_bcos = arch.startswith("bcos_") or arch == "small_bcos_cnn"

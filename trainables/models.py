@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -173,13 +174,41 @@ class BcosClassifier(Classifier):
             yield
 
 
+def bcos_logit_bias(num_classes: int) -> float:
+    """The B-cos logit bias for ``num_classes`` outputs: -log(C - 1).
+
+    B-cos networks are trained with per-class sigmoids (binary cross-entropy; bcos' ImageNet recipe,
+    its experiment configs set ``logit_bias=-math.log(NUM_CLASSES - 1)`` from the dataset's class
+    count). The bias makes an input with no evidence (W(x)ᵀx = 0) give sigmoid(b) = 1/C per class:
+    the uniform prior. The same derivation is exactly the multi-label case, so 20-class PASCAL VOC
+    (sigmoid outputs, F1 at logit 0) gets -log 19 like any 20-class model, and softmax tasks get
+    the same value (a constant shift of every logit, which softmax and the KD loss ignore).
+
+    Caveat for imported weights: the guided VOC teacher of the paper comes from the model-guidance
+    code (Rao et al. 2023), which loads the ImageNet B-cos ResNet-50 and swaps only its ``fc`` for a
+    20-class layer, keeping the ImageNet LogitBias(-log 999) module; the bias is a constant, not in
+    the state dict, so such a teacher reproduces its own logits only when built with -log 999."""
+    return -math.log(num_classes - 1)
+
+
 def _bcos_net(builder_path: str, num_classes: int) -> nn.Module:
     import importlib
 
     module_name, fn_name = builder_path.rsplit(".", 1)
     fn = getattr(importlib.import_module(module_name), fn_name)
     # pretrained=False: nothing is ever downloaded; weights come from a local file (load_weights).
-    return fn(pretrained=False, num_classes=num_classes)
+    net = fn(pretrained=False, num_classes=num_classes)
+    # The bcos builders take the bias from their ImageNet experiment config (-log 999) whatever
+    # num_classes is, so a 20-class model would keep ImageNet's prior. It lives in a LogitLayer
+    # (CNNs: ``net.logit_layer``; ViTs: the last module of a BcosSequential, and their builders
+    # take no logit_bias argument), so it is set on the module itself.
+    from bcos.modules.logitlayer import LogitLayer
+
+    layers = [m for m in net.modules() if isinstance(m, LogitLayer)]
+    if len(layers) != 1:
+        raise RuntimeError(f"{builder_path}: expected one LogitLayer, found {len(layers)}")
+    layers[0].logit_bias = bcos_logit_bias(num_classes)
+    return net
 
 
 class SmallBcosCNN(BcosClassifier):
@@ -200,7 +229,7 @@ class SmallBcosCNN(BcosClassifier):
                     cin = cout
                 layers += [BcosConv2d(cin, num_classes, 1, b=2)]
                 self.body = nn.Sequential(*layers)
-                self.logit_bias = nn.Parameter(torch.tensor(-torch.log(torch.tensor(float(num_classes - 1))).item()))
+                self.logit_bias = nn.Parameter(torch.tensor(bcos_logit_bias(num_classes)))
 
             def forward(self, x: Tensor) -> Tensor:
                 # Pool the class maps: the logit is the spatial mean of a dynamic-linear map, so

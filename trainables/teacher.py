@@ -255,15 +255,22 @@ def teacher_outputs(model: nn.Module, x: Tensor, explainer: str) -> tuple[Tensor
 
 
 class TeacherRunner:
-    """Runs a verified teacher over the un-augmented distillation split, batch of positions in,
-    cache rows out. Built from paths and configs only, so a Ray Data actor can construct it.
+    """Runs a verified teacher over the distillation split, batch of positions in, cache rows out.
+    Built from paths and configs only, so a Ray Data actor can construct it.
+
+    The teacher sees each *full image* resized to image_size x image_size (``view="full"``), so its
+    map covers the whole image and every training crop box can be cut from it (see
+    ``trainables.data.cache``). Training crops of the live path are distorted by up to their
+    aspect-ratio range (3/4..4/3) too, so the squashed full view stays within what the teacher sees
+    live; a fixed square is what lets the cache batch the teacher and keep one map shape.
 
     ``max_map_side``: maps whose side exceeds it are stored area-downsampled (B-cos W(x) at 224 px
-    -> 56); GradCAM maps (7x7 / 8x8) are always stored native.
+    -> 56 with 56); None (the default) stores them at full resolution, the paper's frozen maps.
+    GradCAM maps (7x7 / 8x8) are always stored native.
     """
 
     def __init__(self, teacher_dir: str | os.PathLike, data: DataConfig, explainer: str,
-                 max_map_side: int | None = 56, split: str | None = None, device: str = "cpu"):
+                 max_map_side: int | None = None, split: str | None = None, device: str = "cpu"):
         from trainables.explainers import check_compatible
 
         self.model, self.card = load_teacher(teacher_dir)
@@ -276,7 +283,7 @@ class TeacherRunner:
                              f"{self.info.num_classes}")
         self.data, self.explainer, self.max_map_side = data, explainer, max_map_side
         self.split = split or self.info.train_split
-        self.dataset = build_dataset(data, self.split, encoding=self.card.encoding, train=False)
+        self.dataset = build_dataset(data, self.split, encoding=self.card.encoding, train=False, view="full")
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -308,7 +315,8 @@ class TeacherRunner:
             "teacher_data_fingerprint": self.card.data_fingerprint, "explainer": self.explainer,
             "encoding": self.card.encoding, "dataset": self.data.name, "split": self.split,
             "fingerprint": self.info.fingerprint, "data_config": self.data.to_dict(),
-            "transform": _family(self.data).describe_view(self.data) + f"; encoding {self.card.encoding}",
+            "transform": (_family(self.data).describe_view(self.data) + f"; teacher view: the full image resized "
+                          f"to {self.data.image_size}x{self.data.image_size}; encoding {self.card.encoding}"),
             "image_size": self.data.image_size, "native_map_shape": list(native),
             "map_resize": "none" if stored == native else f"area {list(native)} -> {list(stored)}",
             "target": "teacher top-1 class",
@@ -317,7 +325,7 @@ class TeacherRunner:
 
 
 def build_cache_local(teacher_dir: str | os.PathLike, data: DataConfig, explainer: str, out_dir: str | os.PathLike,
-                      batch_size: int = 64, max_map_side: int | None = 56, overwrite: bool = False,
+                      batch_size: int = 64, max_map_side: int | None = None, overwrite: bool = False,
                       rows_per_shard: int = 8192, progress: Callable[[str], None] | None = None) -> dict:
     """In-process cache build (tests, small data, benchmarks); orchestrator.cache_job.build_cache
     is the Ray Data version. Returns the manifest."""

@@ -114,8 +114,8 @@ def adaptive_clip_(parameters, clip: float, eps: float = 1e-3) -> None:
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast on CUDA (``amp`` auto or bf16); full precision on CPU."""
-    use = device.type == "cuda" and cfg.amp in ("auto", "bf16")
+    """bf16 autocast on CUDA when ``precision`` is bf16; full precision otherwise (fp32, or CPU)."""
+    use = device.type == "cuda" and cfg.precision == "bf16"
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use else contextlib.nullcontext()
 
 
@@ -356,8 +356,23 @@ def build_train_set(cfg: TrainConfig, teacher_sha: str):
         cache = open_cache(cfg.teacher.cache_dir, expect={
             "teacher_sha256": teacher_sha, "explainer": cfg.loss.explainer,
             "fingerprint": dataset_info(cfg.data).fingerprint})
+        check_map_side(cache, cfg.teacher.cache_map_side)
         return CachedTeacherDataset(base, cache, cfg.data)
     return build_dataset(cfg.data, "train", encoding=cfg.encoding, train=True)
+
+
+def check_map_side(cache, side: int | None) -> None:
+    """The cache holds maps at the resolution ``teacher.cache_map_side`` asks for (a 56 px cache
+    under a full-resolution spec would silently train against blurred targets)."""
+    from trainables.data.cache import CacheError, stored_map_shape
+
+    man = cache.manifest
+    native = man.get("native_map_shape")
+    want = list(stored_map_shape(tuple(native), side)) if native else None
+    if want is not None and list(man["map_shape"]) != want:
+        raise CacheError(f"cache {cache.path} stores maps at {man['map_shape']} (native {native}), but "
+                         f"teacher.cache_map_side={side!r} needs {want}; rebuild the cache with "
+                         f"max_map_side={side!r} or set teacher.cache_map_side to match")
 
 
 def fit(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, float]:

@@ -1,9 +1,9 @@
 """Dataset registry, the split dataset every family shares, and k-shot sampling.
 
 A *family* (digits, imagefolder, ...) knows how to list a split and load one sample as a
-:class:`Record` (the un-augmented view in [0,1]). :class:`SplitDataset` turns records into the item
-dicts training code consumes (augmentation, encoding, padded boxes). Families register themselves
-in :data:`DATASETS`; nothing dispatches on names with if/elif.
+:class:`Record` (the full decoded image in [0,1]). :class:`SplitDataset` turns records into the item
+dicts training code consumes (the training, evaluation or cache view; encoding; padded boxes).
+Families register themselves in :data:`DATASETS`; nothing dispatches on names with if/elif.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from trainables.data.config import DataConfig
-from trainables.data.transforms import apply_view, check_encoding, encode, pad_boxes, sample_view
+from trainables.data.transforms import (EVAL_VIEWS, apply_view, check_encoding, encode, full_view, identity_view,
+                                        pad_boxes, sample_view)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,18 +48,19 @@ class DataInfo:
 
 @dataclass
 class Record:
-    """One un-augmented sample: ``image`` [3,S,S] float in [0,1] at the view size."""
+    """One sample as decoded: ``image`` [3,H,W] float in [0,1], the *full* image (folder datasets:
+    the file's own size; digits: image_size x image_size). Every view is cut from it."""
 
     image: Tensor
     label: int | Tensor
     index: int
     group: int | None = None
-    boxes: Tensor | None = None  # [N,4] XYXY in view pixels
+    boxes: Tensor | None = None  # [N,4] XYXY in full-image pixels
     box_labels: Tensor | None = None  # [N] class ids
 
 
 class Source(ABC):
-    """A listed split: stable sample ids, labels, and a loader for the un-augmented view."""
+    """A listed split: stable sample ids, labels, and a loader for the full decoded image."""
 
     ids: np.ndarray  # [N] int64 stable sample ids within the split
     labels: np.ndarray  # [N] int64, or [N, C] float32 multi-hot
@@ -81,6 +83,12 @@ class DatasetFamily(ABC):
     has_boxes: bool = False
     default_image_size: int = 224
     default_hflip: bool = True  # natural images flip; digits do not
+    # RandomResizedCrop scale range of the family's preset (``default_config``): the paper code's.
+    default_crop_scale: tuple[float, float] = (0.08, 1.0)
+    # How evaluation splits are viewed (a key of transforms.EVAL_VIEWS): "full" resizes the whole
+    # image to image_size x image_size (localisation: boxes never leave it; digits: the identity),
+    # "center-crop" is the classification protocol Resize(256) + CenterCrop(224).
+    eval_view: str = "full"
     splits: tuple[str, ...] = ("train", "val", "test")
     eval_splits: tuple[str, ...] = ("val", "test")
     name: str = "?"
@@ -104,7 +112,8 @@ class DatasetFamily(ABC):
 
     @abstractmethod
     def describe_view(self, cfg: DataConfig) -> str:
-        """The un-augmented view in words (goes into the cache manifest)."""
+        """How a sample is decoded and viewed, in words (goes into the fingerprint and the cache
+        manifest: a change here makes old caches refuse to open)."""
 
     def teacher_config(self, cfg: DataConfig) -> DataConfig:
         """Data the teacher is trained on: the full clean training split."""
@@ -171,26 +180,38 @@ def dataset_info(cfg: DataConfig) -> DataInfo:
 
 
 def default_config(name: str, **overrides) -> DataConfig:
-    """A DataConfig with the family's natural defaults: 224 px + horizontal flip for the folder
-    datasets (the paper's RandomResizedCrop(224) + flip), 32 px without flip for digits."""
+    """A DataConfig with the family's preset: 224 px + horizontal flip + the paper code's crop
+    scale for the folder datasets (RandomResizedCrop(224, scale) + flip; ImageNet and VOC (0.08, 1),
+    Waterbirds (0.7, 1)), 32 px without flip for digits."""
     if name not in DATASETS:
         raise ValueError(f"data.name={name!r} is not a known dataset; known: {', '.join(sorted(DATASETS))}")
-    overrides.setdefault("image_size", DATASETS[name].default_image_size)
-    overrides.setdefault("hflip", DATASETS[name].default_hflip)
+    fam = DATASETS[name]
+    overrides.setdefault("image_size", fam.default_image_size)
+    overrides.setdefault("hflip", fam.default_hflip)
+    overrides.setdefault("crop_scale", fam.default_crop_scale)
     return DataConfig(name=name, **overrides)
+
+
+VIEWS = ("eval", "full")  # SplitDataset(view=...) when not training
 
 
 class SplitDataset(Dataset):
     """Items: ``image`` [C,S,S] (encoded), ``label`` (int, or multi-hot float for multi-label),
     ``index`` (stable sample id), plus ``group`` (int) and ``boxes`` ([MAX_BOXES,5] rows
-    class,x1,y1,x2,y2; class -1 = padding) when the dataset has them. ``train=True`` with
-    ``cfg.augment`` applies the random view (see transforms.py)."""
+    class,x1,y1,x2,y2 in view pixels; class -1 = padding) when the dataset has them.
 
-    def __init__(self, cfg: DataConfig, split: str, encoding: str = "rgb", train: bool = False):
+    Views (transforms.py): ``train=True`` cuts the random training view from the full image
+    (``cfg.augment=False``: the whole image, resized — the crop box is then the full image, as in
+    the cached path). Otherwise ``view="eval"`` is the family's evaluation view and ``view="full"``
+    the whole image resized to image_size x image_size, what the teacher cache explains."""
+
+    def __init__(self, cfg: DataConfig, split: str, encoding: str = "rgb", train: bool = False, view: str = "eval"):
         check_encoding(encoding)
+        if view not in VIEWS:
+            raise ValueError(f"unknown view {view!r}; known: {', '.join(VIEWS)}")
         self.family = family(cfg)
         _check_split(self.family, cfg, split)
-        self.cfg, self.split, self.encoding, self.train = cfg, split, encoding, train
+        self.cfg, self.split, self.encoding, self.train, self.view = cfg, split, encoding, train, view
         self.source = self.family.source(cfg, split)
         self.mean, self.std = self.family.stats(cfg)
 
@@ -216,15 +237,33 @@ class SplitDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         pos, seed = split_key(key)
         rec = self.record(pos)
-        image, boxes = tv_tensors.Image(rec.image), None
-        if rec.boxes is not None:
-            boxes = tv_tensors.BoundingBoxes(rec.boxes, format="XYXY", canvas_size=tuple(rec.image.shape[-2:]))
-        if self.train and self.cfg.augment:
-            h, w = rec.image.shape[-2:]
-            view = sample_view(h, w, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.hflip, seed)
-            image, *rest = apply_view(view, (h, w), image, *([boxes] if boxes is not None else []))
+        size = self.cfg.image_size
+        if self.train:
+            view = train_view(self.cfg, rec, seed)
+            image, *rest = apply_view(view, size, *record_tensors(rec))
             boxes = rest[0] if rest else None
+        else:
+            fn = {"full": full_view, "eval": EVAL_VIEWS[self.family.eval_view]}[self.view]
+            image, boxes = fn(rec.image, size, rec.boxes)
         return make_item(self, rec, self.encode(image), boxes)
+
+
+def train_view(cfg: DataConfig, rec: Record, seed: int | None):
+    """The training view's geometry in full-image pixels: a RandomResizedCrop box (+ flip) sampled
+    on the full image, or the whole image when ``cfg.augment`` is off. Live and cached training
+    both take it from here."""
+    h, w = rec.image.shape[-2:]
+    if not cfg.augment:
+        return identity_view(h, w)
+    return sample_view(h, w, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, seed)
+
+
+def record_tensors(rec: Record) -> list:
+    """The record's image (and boxes) as tv_tensors on the full-image canvas."""
+    out = [tv_tensors.Image(rec.image)]
+    if rec.boxes is not None:
+        out.append(tv_tensors.BoundingBoxes(rec.boxes, format="XYXY", canvas_size=tuple(rec.image.shape[-2:])))
+    return out
 
 
 def split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
@@ -244,8 +283,9 @@ def make_item(ds: SplitDataset, rec: Record, image: Tensor, boxes: Tensor | None
     return item
 
 
-def build_dataset(cfg: DataConfig, split: str, encoding: str = "rgb", train: bool = False) -> SplitDataset:
-    return SplitDataset(cfg, split, encoding=encoding, train=train)
+def build_dataset(cfg: DataConfig, split: str, encoding: str = "rgb", train: bool = False,
+                  view: str = "eval") -> SplitDataset:
+    return SplitDataset(cfg, split, encoding=encoding, train=train, view=view)
 
 
 # ------------------------------------ sampling ------------------------------------------------
@@ -301,5 +341,6 @@ def k_shot_multilabel(multi_hot: np.ndarray, k: int, seed: int, class_names,
 
 
 __all__ = ["DATASETS", "DataInfo", "DatasetFamily", "Record", "Source", "SplitDataset", "build_dataset",
-           "dataset_info", "default_config", "register_dataset", "family", "split_key", "holdout_per_class", "k_shot",
+           "dataset_info", "default_config", "register_dataset", "family", "split_key",
+           "train_view", "record_tensors", "holdout_per_class", "k_shot",
            "k_shot_multilabel", "IMAGENET_MEAN", "IMAGENET_STD"]

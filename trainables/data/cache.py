@@ -11,17 +11,20 @@ its manifest exists, and the manifest is always written last: locally the whole 
 written under a temporary name and renamed into place; on a store (no rename) the shards go under
 ``parts-<build>/`` in the final prefix and the manifest PUT (atomic per object) publishes them.
 
-``map`` holds the teacher explanation for its top-1 class at the explainer's native resolution
-(GradCAM: the last feature map, e.g. 8x8 / 7x7), or area-downsampled to ``max_map_side`` when the
-native map is larger (B-cos W(x) is input-sized: 6x224x224 is stored as 6x56x56). Values are
+``map`` holds the teacher explanation for its top-1 class, computed on the *full image* resized
+to image_size x image_size (``transforms.full_view``; manifest ``map_view``), at the explainer's
+native resolution (GradCAM: the last feature map, e.g. 8x8 / 7x7), or area-downsampled to
+``max_map_side`` when that is set and the native map is larger (B-cos W(x) is input-sized:
+6x224x224, or 6x56x56 with ``max_map_side=56``). Values are
 stored as float16 of ``map / map_scale`` with ``map_scale = max|map|`` per row (float32), so tiny
 gradients keep full float16 relative precision. Logits are float32 and round-trip exactly.
 
-:class:`CachedTeacherDataset` serves the cache during training: the stored map is upsampled to the
-un-augmented view (bilinear, align_corners=False: what ``explain(resize=True)`` does), then the
-image and the map go through the *same* sampled crop/flip (one ``View``, applied by the same
-torchvision v2 kernels), so the map matches the live teacher map of the un-augmented image after
-that crop/flip.
+:class:`CachedTeacherDataset` serves the cache during training: the stored map, which covers the
+whole image, is resized to the full image's H x W (bilinear, align_corners=False: what
+``explain(resize=True)`` does), then the full image, the map and the boxes go through the *same*
+training crop box/flip (one ``View`` in full-image pixels, applied by the same torchvision v2
+kernels) that live training cuts from the same full image. Format version 2: version 1 stored maps
+of the centre-cropped view, from which a full-image crop box cannot be cut; it is refused.
 
 Reading (:func:`open_cache`) decodes the shards once per node into uncompressed, id-sorted ``.npy``
 files under :func:`trainables.storage.local_root` (keyed by the manifest's sha256) and memory-maps
@@ -52,12 +55,16 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from trainables import storage
-from trainables.data.base import SplitDataset, dataset_info, make_item, split_key
+from trainables.data.base import SplitDataset, dataset_info, make_item, record_tensors, split_key, train_view
 from trainables.data.config import DataConfig
-from trainables.data.transforms import apply_view, identity_view, sample_view
+from trainables.data.transforms import apply_view
 from trainables.models import file_sha256
 
-FORMAT_VERSION = 1
+# 2: maps cover the full image resized to image_size x image_size (manifest "map_view"); 1 stored
+# maps of the Resize + CenterCrop view, which the full-image training crops cannot be cut from.
+FORMAT_VERSION = 2
+# What the stored map covers (manifest "map_view"), checked when a cache is opened for training.
+MAP_VIEW = "full image resized to image_size x image_size"
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:05d}.parquet"
 _TMP_MARK = ".tmp-"
@@ -224,6 +231,7 @@ def build_manifest(meta: Mapping, shards: list[dict], num_rows: int, num_classes
     return {
         **meta,
         "format_version": FORMAT_VERSION,
+        "map_view": MAP_VIEW,
         "num_rows": int(num_rows),
         "num_classes": int(num_classes),
         "map_shape": [int(x) for x in map_shape],
@@ -440,7 +448,10 @@ def _read_manifest(path: str) -> tuple[dict, bytes]:
         raise CacheError(f"cache manifest {mpath} is unreadable: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         have = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise CacheError(f"cache {path} has format_version {have!r}, this code reads {FORMAT_VERSION}")
+        why = (" (version 1 stored maps of the centre-cropped view; training crops now come from the full "
+               "image, so its maps cannot be cropped like the image)") if have == 1 else ""
+        raise CacheError(f"cache {path} has format_version {have!r}, this code reads {FORMAT_VERSION}{why}; "
+                         "rebuild it (e2kd cache SPEC --force)")
     return manifest, raw
 
 
@@ -586,11 +597,13 @@ class CachedTeacherDataset(Dataset):
     """Training items with frozen teacher outputs.
 
     ``base`` is the distillation split built *without* augmentation (``train=False``), in the
-    student's encoding. Items: ``image`` (augmented view), ``label``, ``index`` (+ ``group``,
-    ``boxes``), ``teacher_logits`` [C] float32, ``teacher_map`` ([S,S] or [6,S,S], the stored map
-    upsampled to the view and cropped/flipped exactly like the image) and ``view`` (int64
-    [top, left, height, width, flipped] in the un-augmented view).
-    ``cfg`` (default ``base.cfg``) supplies augment / crop_scale / crop_ratio / hflip.
+    student's encoding; only its records (full images) are used. Items: ``image`` (the training
+    view), ``label``, ``index`` (+ ``group``, ``boxes``), ``teacher_logits`` [C] float32,
+    ``teacher_map`` ([S,S] or [6,S,S]: the stored full-image map resized to the full image and
+    cropped/flipped exactly like the image) and ``view`` (int64 [top, left, height, width, flipped]
+    in full-image pixels). ``cfg`` (default ``base.cfg``) supplies augment / crop_scale /
+    crop_ratio / hflip. The geometry is :func:`trainables.data.base.train_view`, as in live
+    training, and the same seed gives the same crop box.
     """
 
     def __init__(self, base: SplitDataset, cache: TeacherCache, cfg: DataConfig | None = None):
@@ -601,10 +614,10 @@ class CachedTeacherDataset(Dataset):
                              "it applies the augmentation itself, to the image and the map together")
         self.base, self.cache, self.cfg = base, cache, cfg or base.cfg
         man = cache.manifest
-        for field, have in (("dataset", base.cfg.name), ("split", base.split)):
-            if field in man and man[field] != have:
+        for field, have in (("dataset", base.cfg.name), ("split", base.split), ("map_view", MAP_VIEW)):
+            if man.get(field, have) != have:
                 raise CacheError(f"cache {cache.path} does not match: {field} is {man[field]!r} in the cache, "
-                                 f"the dataset has {have!r}")
+                                 f"this code needs {have!r}")
         info = dataset_info(base.cfg)
         if base.split == info.train_split and "fingerprint" in man and man["fingerprint"] != info.fingerprint:
             raise CacheError(f"cache {cache.path} does not match: fingerprint is {man['fingerprint']!r} in the cache, "
@@ -621,18 +634,16 @@ class CachedTeacherDataset(Dataset):
         pos, seed = split_key(key)
         rec = self.base.record(pos)
         logits, m = self.cache.get(rec.index)
-        h, w = rec.image.shape[-2:]
+        full_hw = tuple(rec.image.shape[-2:])
         chan = m.dim() == 3
-        tmap = tv_tensors.Image(expand_map(m, (h, w)) if chan else expand_map(m, (h, w)).unsqueeze(0))
-        image, boxes = tv_tensors.Image(rec.image), None
-        if rec.boxes is not None:
-            boxes = tv_tensors.BoundingBoxes(rec.boxes, format="XYXY", canvas_size=(h, w))
-        if self.cfg.augment:
-            view = sample_view(h, w, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.hflip, seed)
-            image, tmap, *rest = apply_view(view, (h, w), image, tmap, *([boxes] if boxes is not None else []))
-            boxes = rest[0] if rest else None
-        else:
-            view = identity_view(h, w)
+        # The stored map covers the whole image (at image_size^2 or less): back to the full image's
+        # pixels, so the crop box the image gets (full-image coordinates) is the map's crop box too.
+        full = expand_map(m, full_hw)
+        tmap = tv_tensors.Image(full if chan else full.unsqueeze(0))
+        view = train_view(self.cfg, rec, seed)
+        img, *box = record_tensors(rec)
+        image, tmap, *rest = apply_view(view, self.cfg.image_size, img, tmap, *box)
+        boxes = rest[0] if rest else None
         item = make_item(self.base, rec, self.base.encode(image), boxes)
         tmap = tmap.as_subclass(Tensor)
         item["teacher_logits"] = logits
@@ -643,4 +654,4 @@ class CachedTeacherDataset(Dataset):
 
 __all__ = ["CacheError", "CacheTarget", "CacheWriter", "CachedTeacherDataset", "TeacherCache", "build_manifest",
            "check_expect", "check_rows", "encode_maps", "expand_map", "open_cache", "read_manifest", "roundtrip_maps",
-           "rows_table", "shrink_maps", "stored_map_shape", "unfinished_caches", "FORMAT_VERSION"]
+           "rows_table", "shrink_maps", "stored_map_shape", "unfinished_caches", "FORMAT_VERSION", "MAP_VIEW"]

@@ -10,9 +10,9 @@ class DataConfig:
     name: str = "digits"
     # Dataset root on disk (imagefolder / waterbirds / voc). digits and decoy-digits ignore it.
     root: str | None = None
-    # Side of the un-augmented square view every split yields. Folder datasets use
-    # Resize(round(image_size * 256 / 224)) + CenterCrop(image_size); give 224 for the paper's setup
-    # (see ``default_config``).
+    # Side of the square view every split yields. Folder datasets: training crops of the full image
+    # resized to it; evaluation Resize(round(image_size * 256 / 224)) + CenterCrop(image_size)
+    # (VOC: the whole image resized to it). Give 224 for the paper's setup (see ``default_config``).
     image_size: int = 32
     # k images per class drawn (seeded by ``seed``) from the training split; None = all of it.
     shots: int | None = None
@@ -20,7 +20,9 @@ class DataConfig:
     val_per_class: int = 50
     seed: int = 42
     # train=True augmentation: RandomResizedCrop(image_size, scale=crop_scale, ratio=crop_ratio)
-    # (+ horizontal flip when hflip) on the un-augmented view.
+    # (+ horizontal flip when hflip) on the full image. The field default suits digits; the
+    # per-dataset presets (paper code: ImageNet/VOC (0.08, 1), Waterbirds (0.7, 1)) are in
+    # ``default_config`` and written out in the shipped specs.
     augment: bool = True
     hflip: bool = False
     crop_scale: tuple[float, float] = (0.6, 1.0)

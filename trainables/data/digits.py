@@ -90,6 +90,9 @@ class _DigitSource(Source):
 class Digits(DatasetFamily):
     default_image_size = 32
     default_hflip = False
+    # An 8x8 digit upsampled to image_size is its own full image: train crops are cut from it, and
+    # the evaluation and cache views ("full") are the identity.
+    default_crop_scale = (0.6, 1.0)
     in_memory = True
     splits = ("train", "val", "test")
     eval_splits = ("val", "test")

@@ -1,7 +1,9 @@
 """On-disk datasets: ImageFolder (ImageNet layout), Waterbirds (metadata.csv), PASCAL VOC (XML).
 
-All three decode with PIL, then take the eval view Resize(image_size*256/224) + CenterCrop
-(``transforms.eval_view``); boxes follow the image. Listings are cached per process; an
+All three decode with PIL to the full image (boxes in its pixels); the views are cut from it by
+``SplitDataset`` (transforms.py): training = RandomResizedCrop on the full image; evaluation =
+Resize(image_size*256/224) + CenterCrop for ImageFolder and Waterbirds, the whole image resized to
+image_size x image_size for VOC (its boxes must stay in the view). Listings are cached per process; an
 ImageFolder listing and a VOC split's parsed annotations come from a Parquet index built once per
 dataset (``trainables.data.index``; ``E2KD_NO_INDEX=1`` scans and parses instead).
 """
@@ -21,7 +23,7 @@ from trainables.data import index
 from trainables.data.base import (DatasetFamily, Record, Source, holdout_per_class, k_shot, k_shot_multilabel,
                                   register_dataset)
 from trainables.data.config import DataConfig
-from trainables.data.transforms import eval_resize_size, eval_view
+from trainables.data.transforms import VIEW_DESCRIPTIONS
 
 HOLDOUT_SEED = 42  # the paper's fixed seed for the per-class validation hold-out
 
@@ -49,22 +51,23 @@ def load_rgb(path: str) -> torch.Tensor:
     return t.float().div_(255.0)
 
 
-def view_description(cfg: DataConfig) -> str:
-    return (f"PIL RGB /255 -> Resize({eval_resize_size(cfg.image_size)}, bilinear, antialias)"
-            f" -> CenterCrop({cfg.image_size})")
+def view_description(fam: DatasetFamily, cfg: DataConfig) -> str:
+    # "full image" is part of the fingerprint: caches and teachers made when training crops came
+    # from the centre crop (fingerprinted "... -> CenterCrop(S)") no longer match.
+    return (f"PIL RGB /255, full image; train: RandomResizedCrop({cfg.image_size}) of the full image; "
+            f"eval: {VIEW_DESCRIPTIONS[fam.eval_view]}; image_size {cfg.image_size}")
 
 
 class _FileSource(Source):
-    def __init__(self, root: str, rel_paths: list[str], labels: np.ndarray, ids: np.ndarray, size: int,
+    def __init__(self, root: str, rel_paths: list[str], labels: np.ndarray, ids: np.ndarray,
                  groups: np.ndarray | None = None):
         self.root, self.rel_paths, self.labels, self.ids = root, rel_paths, labels, ids.astype(np.int64)
-        self.size, self.groups = size, groups
+        self.groups = groups
 
     def load(self, pos: int) -> Record:
-        img, _ = eval_view(load_rgb(os.path.join(self.root, self.rel_paths[pos])), self.size)
+        img = load_rgb(os.path.join(self.root, self.rel_paths[pos]))
         group = None if self.groups is None else int(self.groups[pos])
-        return Record(image=img.as_subclass(torch.Tensor), label=int(self.labels[pos]), index=int(self.ids[pos]),
-                      group=group)
+        return Record(image=img, label=int(self.labels[pos]), index=int(self.ids[pos]), group=group)
 
     def identity(self) -> list:
         return list(self.rel_paths)
@@ -109,6 +112,7 @@ class ImageFolderData(DatasetFamily):
 
     splits = ("train", "val", "test")
     eval_splits = ("val", "test")
+    eval_view = "center-crop"
 
     def _train_listing(self, cfg: DataConfig):
         root = require_root(cfg, "train")
@@ -127,14 +131,14 @@ class ImageFolderData(DatasetFamily):
         return {**super().selection_fields(cfg), "val_per_class": cfg.val_per_class}
 
     def describe_view(self, cfg: DataConfig) -> str:
-        return view_description(cfg)
+        return view_description(self, cfg)
 
     def source(self, cfg: DataConfig, split: str) -> Source:
         root, (classes, paths, labels) = self._train_listing(cfg)
         if split == "test":
             require_root(cfg, "val")
             _, tpaths, tlabels = _list_folder(os.path.join(root, "val"), classes)
-            return _FileSource(root, list(tpaths), tlabels, np.arange(len(tpaths)), cfg.image_size)
+            return _FileSource(root, list(tpaths), tlabels, np.arange(len(tpaths)))
         rest, held = holdout_per_class(labels, cfg.val_per_class, HOLDOUT_SEED, classes)
         if split == "val":
             pos = held
@@ -143,7 +147,7 @@ class ImageFolderData(DatasetFamily):
             if cfg.shots is not None:
                 where = f"the train folder after holding out data.val_per_class={cfg.val_per_class} per class"
                 pos = rest[k_shot(labels[rest], cfg.shots, cfg.seed, classes, where)]
-        return _FileSource(root, [paths[p] for p in pos], labels[pos], pos, cfg.image_size)
+        return _FileSource(root, [paths[p] for p in pos], labels[pos], pos)
 
 
 # ------------------------------------ Waterbirds ---------------------------------------------
@@ -173,6 +177,8 @@ class Waterbirds(DatasetFamily):
     splits = ("train", "val", "test", "test_id", "test_ood")
     eval_splits = ("val", "test", "test_id", "test_ood")
     has_groups = True
+    eval_view = "center-crop"
+    default_crop_scale = (0.7, 1.0)  # the paper code's Waterbirds preset (ImageNet's is (0.08, 1))
     group_names = ("landbird-on-land", "landbird-on-water", "waterbird-on-land", "waterbird-on-water")
     _split_code = {"train": 0, "val": 1, "test": 2, "test_id": 2, "test_ood": 2}
 
@@ -185,7 +191,7 @@ class Waterbirds(DatasetFamily):
         return ("landbird", "waterbird")
 
     def describe_view(self, cfg: DataConfig) -> str:
-        return view_description(cfg)
+        return view_description(self, cfg)
 
     def source(self, cfg: DataConfig, split: str) -> Source:
         root, (files, y, place, code) = self._meta(cfg)
@@ -197,7 +203,7 @@ class Waterbirds(DatasetFamily):
         pos = np.flatnonzero(mask)
         if split == "train" and cfg.shots is not None:
             pos = pos[k_shot(y[pos], cfg.shots, cfg.seed, self.class_names(cfg), "the waterbirds train split")]
-        return _FileSource(root, [files[p] for p in pos], y[pos], pos, cfg.image_size, groups=2 * y[pos] + place[pos])
+        return _FileSource(root, [files[p] for p in pos], y[pos], pos, groups=2 * y[pos] + place[pos])
 
 
 # ------------------------------------ PASCAL VOC ---------------------------------------------
@@ -250,8 +256,8 @@ def _voc_split(root: str, split: str):
 
 
 class _VOCSource(Source):
-    def __init__(self, root: str, names, anns, multi_hot: np.ndarray, pos: np.ndarray, size: int):
-        self.root, self.size = root, size
+    def __init__(self, root: str, names, anns, multi_hot: np.ndarray, pos: np.ndarray):
+        self.root = root
         self.names = [names[p] for p in pos]
         self.anns = [anns[p] for p in pos]
         self.labels = multi_hot[pos]
@@ -260,9 +266,8 @@ class _VOCSource(Source):
     def load(self, pos: int) -> Record:
         img = load_rgb(os.path.join(self.root, "JPEGImages", f"{self.names[pos]}.jpg"))
         boxes, cls = self.anns[pos]
-        view, b = eval_view(img, self.size, torch.from_numpy(boxes))
-        return Record(image=view.as_subclass(torch.Tensor), label=torch.from_numpy(self.labels[pos].copy()),
-                      index=int(self.ids[pos]), boxes=b, box_labels=torch.from_numpy(cls))
+        return Record(image=img, label=torch.from_numpy(self.labels[pos].copy()), index=int(self.ids[pos]),
+                      boxes=torch.from_numpy(boxes.copy()), box_labels=torch.from_numpy(cls))
 
     def identity(self) -> list:
         return list(self.names)
@@ -278,6 +283,11 @@ class VOC(DatasetFamily):
     has_boxes = True
     splits = ("train", "val", "test")
     eval_splits = ("val", "test")
+    # The localisation protocol (EPG/IoU, and F1 on the same view): the whole image resized to
+    # image_size x image_size, so no box is cropped away. Training crops: the paper code's
+    # RandomResizedCrop default scale (0.08, 1).
+    eval_view = "full"
+    default_crop_scale = (0.08, 1.0)
 
     def _root(self, cfg: DataConfig) -> str:
         return require_root(cfg, "Annotations", "JPEGImages", os.path.join("ImageSets", "Main", "train.txt"))
@@ -293,7 +303,7 @@ class VOC(DatasetFamily):
         return VOC_CLASSES
 
     def describe_view(self, cfg: DataConfig) -> str:
-        return view_description(cfg)
+        return view_description(self, cfg)
 
     def source(self, cfg: DataConfig, split: str) -> Source:
         root = self._root(cfg)
@@ -301,4 +311,4 @@ class VOC(DatasetFamily):
         pos = np.arange(len(names))
         if split == "train" and cfg.shots is not None:
             pos = k_shot_multilabel(multi_hot, cfg.shots, cfg.seed, VOC_CLASSES, "the VOC train split")
-        return _VOCSource(root, names, anns, multi_hot, pos, cfg.image_size)
+        return _VOCSource(root, names, anns, multi_hot, pos)

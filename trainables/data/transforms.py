@@ -1,14 +1,24 @@
 """Geometry and encoding shared by every dataset and by the teacher cache.
 
-One augmentation policy everywhere: the random view (RandomResizedCrop + optional horizontal flip)
-is cut from the *un-augmented* view of a sample (the fixed eval view: digits at ``image_size``,
-folder datasets after Resize + CenterCrop). That is also the image the frozen teacher explanations
-are computed on, so live and frozen training see the same distribution of views, and the cache can
-apply the identical crop/flip to the stored map.
+Every sample is first decoded to its *full image* (``Record.image``: folder datasets at their own
+H x W, digits at ``image_size``). Three views are cut from it:
 
-Parameters are sampled once (:func:`sample_view`, torchvision's own RandomResizedCrop sampler) and
-applied with :func:`apply_view` to any number of tv_tensors (images, maps wrapped as images,
-bounding boxes), so all of them receive exactly the same geometry.
+- **training** (paper protocol, torchvision's ``RandomResizedCrop(image_size, scale, ratio)`` +
+  optional horizontal flip): a crop box sampled on the *full* image (:func:`sample_view`), resized
+  to image_size x image_size (:func:`apply_view`). Not from a centre crop: that would never show
+  the student the image's borders and would shrink every crop.
+- **evaluation** (:data:`EVAL_VIEWS`, chosen per dataset family): ``center-crop`` =
+  Resize(image_size * 256/224) + CenterCrop(image_size), the classification protocol (ImageNet,
+  Waterbirds); ``full`` = the whole image resized to image_size x image_size, the localisation
+  protocol (VOC: no box can leave the view) and what digits' single view already is.
+- **teacher cache** (:func:`full_view`): the whole image resized to image_size x image_size. A
+  frozen teacher map computed on it covers the full image, so any training crop box (full-image
+  coordinates) can be cut from it: the map is resized back to the full image's H x W and goes
+  through the *same* :func:`apply_view` call as the image (see ``cache.CachedTeacherDataset``).
+
+Parameters are sampled once (:func:`sample_view`) and applied with :func:`apply_view` to any number
+of tv_tensors (images, maps wrapped as images, bounding boxes), so all of them receive exactly the
+same geometry.
 """
 from __future__ import annotations
 
@@ -65,6 +75,10 @@ def apply_view(view: View, size: int | tuple[int, int], *inputs: Tensor) -> tupl
     size = [size, size] if isinstance(size, int) else list(size)
     out = []
     for x in inputs:
+        canvas = tuple(x.canvas_size) if isinstance(x, tv_tensors.BoundingBoxes) else tuple(x.shape[-2:])
+        if (view.top, view.left, view.height, view.width, view.flip) == (0, 0, *size, False) == (0, 0, *canvas, False):
+            out.append(x)  # the identity (digits without augmentation): exactly the input
+            continue
         y = TF.resized_crop(x, view.top, view.left, view.height, view.width, size, antialias=True)
         if view.flip:
             y = TF.horizontal_flip(y)
@@ -77,17 +91,37 @@ def eval_resize_size(image_size: int) -> int:
     return int(round(image_size * 256 / 224))
 
 
-def eval_view(image: Tensor, image_size: int, boxes: Tensor | None = None):
-    """Resize(shorter side -> image_size*256/224) + CenterCrop(image_size); boxes follow."""
-    img = tv_tensors.Image(image)
-    items = [img]
+def _with_boxes(image: Tensor, boxes: Tensor | None) -> list[Tensor]:
+    items = [tv_tensors.Image(image)]
     if boxes is not None:
         items.append(tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:])))
-    out = []
-    for x in items:
-        x = TF.resize(x, [eval_resize_size(image_size)], antialias=True)
-        out.append(TF.center_crop(x, [image_size, image_size]))
+    return items
+
+
+def center_crop_view(image: Tensor, image_size: int, boxes: Tensor | None = None):
+    """Resize(shorter side -> image_size*256/224) + CenterCrop(image_size); boxes follow (a box
+    outside the crop is clamped to zero area, and ``pad_boxes`` drops it)."""
+    out = [TF.center_crop(TF.resize(x, [eval_resize_size(image_size)], antialias=True), [image_size, image_size])
+           for x in _with_boxes(image, boxes)]
     return (out[0], out[1] if boxes is not None else None)
+
+
+def full_view(image: Tensor, image_size: int, boxes: Tensor | None = None):
+    """The whole image resized to image_size x image_size (aspect not kept); boxes are scaled with
+    it, so every box stays in the view with positive area. An image already at that size is
+    returned as it is (digits)."""
+    items = _with_boxes(image, boxes)
+    if tuple(image.shape[-2:]) != (image_size, image_size):
+        items = [TF.resize(x, [image_size, image_size], antialias=True) for x in items]
+    return (items[0], items[1] if boxes is not None else None)
+
+
+# Evaluation views by name (``DatasetFamily.eval_view``): the family picks its protocol.
+EVAL_VIEWS = {"center-crop": center_crop_view, "full": full_view}
+VIEW_DESCRIPTIONS = {
+    "center-crop": "Resize(round(image_size*256/224), bilinear, antialias) -> CenterCrop(image_size)",
+    "full": "Resize((image_size, image_size), bilinear, antialias) of the whole image",
+}
 
 
 def encode(image01: Tensor, encoding: str, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
