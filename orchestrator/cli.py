@@ -151,7 +151,7 @@ def ensure_cache(spec: SweepSpec, force: bool = False) -> None:
 
     print(f"[e2kd] caching teacher logits + {t.loss.explainer} maps -> {t.teacher.cache_dir}")
     build_cache(t.teacher.path, t.data, t.loss.explainer, t.teacher.cache_dir, use_gpu=spec.resources.use_gpu,
-                overwrite=force)
+                max_map_side=t.teacher.cache_map_side, overwrite=force)
 
 
 @contextlib.contextmanager
