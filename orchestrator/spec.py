@@ -417,6 +417,16 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSp
         raise SpecError(f"{path}: {e}") from None
 
 
+def _crop_scale_preset(train: dict) -> None:
+    """A spec that gives no ``data.crop_scale`` gets its dataset's preset (the paper code's:
+    ImageNet/VOC 0.08-1, Waterbirds 0.7-1), not the field default meant for digits."""
+    from trainables.data.base import DATASETS
+
+    d = train.get("data")
+    if isinstance(d, dict) and "crop_scale" not in d and d.get("name") in DATASETS:
+        train["data"] = {**d, "crop_scale": list(DATASETS[d["name"]].default_crop_scale)}
+
+
 def spec_from_dict(data: dict, source: str = "", base: str | None = None) -> SweepSpec:
     data = dict(data)
     unknown = sorted(set(data) - _SWEEP_SECTIONS - _TRAIN_FIELDS, key=str)
@@ -428,6 +438,7 @@ def spec_from_dict(data: dict, source: str = "", base: str | None = None) -> Swe
     train = {k: data.pop(k) for k in list(data) if k in _TRAIN_FIELDS}
     if base is not None:
         _resolve_paths(train, base)
+    _crop_scale_preset(train)
     # The trial fields sit at the top level of the YAML: convert them there, so messages name
     # ``optim.lr``, not ``train.optim.lr``.
     train_cfg = convert(TrainConfig, train, "")

@@ -213,3 +213,14 @@ def test_report_with_a_tuned_kd_arm_shows_best_vs_best_at_equal_budgets(store, t
     row = next(line for line in text.splitlines() if line.startswith("val_agreement"))
     # KD same setting (τ=5, the tuned arm's run) | best e²KD | best KD (0.92) | Δ | Δ best−best
     assert row.split()[1:] == ["0.9200", "0.9500", "0.9200", "+0.0300", "+0.0300"]
+
+
+def test_a_spec_without_crop_scale_gets_its_datasets_preset():
+    """The paper code's RandomResizedCrop scales, not DataConfig's digits default."""
+    def scale(name: str) -> tuple[float, float]:
+        d = spec_dict()
+        d["data"] = {"name": name, "root": "/nonexistent", "image_size": 224}
+        return spec_from_dict(d).train.data.crop_scale
+
+    assert scale("imagefolder") == (0.08, 1.0) and scale("voc") == (0.08, 1.0) and scale("waterbirds") == (0.7, 1.0)
+    assert scale("digits") == (0.6, 1.0)
