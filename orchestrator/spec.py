@@ -423,7 +423,7 @@ def _crop_scale_preset(train: dict) -> None:
     from trainables.data.base import DATASETS
 
     d = train.get("data")
-    if isinstance(d, dict) and "crop_scale" not in d and d.get("name") in DATASETS:
+    if isinstance(d, dict) and "crop_scale" not in d and isinstance(d.get("name"), str) and d["name"] in DATASETS:
         train["data"] = {**d, "crop_scale": list(DATASETS[d["name"]].default_crop_scale)}
 
 
