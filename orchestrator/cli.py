@@ -174,7 +174,9 @@ def check_paths(spec: SweepSpec, tracking_uri: str | None) -> None:
         tracking.check_writable("teacher.path", tp)
     if t.teacher.mode == "cached":
         cp = local("teacher.cache_dir", t.teacher.cache_dir)
-        if cp is not None:
+        if cp is not None and os.path.exists(cp) and not os.path.isdir(cp):
+            raise NotADirectoryError(f"teacher.cache_dir: {cp} is a file, not a cache folder")
+        if cp is not None and not os.path.isfile(os.path.join(cp, "manifest.json")):  # to be built: writable
             tracking.check_writable("teacher.cache_dir", cp)
 
 

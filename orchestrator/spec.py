@@ -272,12 +272,13 @@ class _SpecLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def safe_load(text: str) -> Any:
+def safe_load(text: str, name: str = "<string>") -> Any:
     """Parse spec YAML (a file or a ``--set`` value): safe tags only, no duplicate keys, bounded
     size, depth and alias expansion. Raises yaml.YAMLError / ValueError / RecursionError."""
     if len(text) > MAX_SPEC_BYTES:
         raise ValueError(f"{len(text)} characters, more than the {MAX_SPEC_BYTES} a spec may have")
     loader = _SpecLoader(text)
+    loader.name = name  # marks ("in <file>, line 3") name the file, as yaml.safe_load(open(f)) did
     try:
         root = loader.get_single_node()
         if root is None:
@@ -421,7 +422,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise SpecError(f"--set {show(text)}: expected dotted.key=value")
     try:
-        value = safe_load(raw)
+        value = safe_load(raw, "<--set value>")
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. the date 2024-02-30
         raise SpecError(f"--set {show(text)}: value is not valid YAML: {_bounded(e)}") from None
     return key.strip(), value
@@ -467,11 +468,11 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSp
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read(MAX_SPEC_BYTES + 1)
-        data = safe_load(text)
+        data = safe_load(text, path)
+    except (OSError, UnicodeDecodeError) as e:  # before ValueError: UnicodeDecodeError is one
+        raise SpecError(f"{path}: cannot read the spec: {_bounded(e)}") from None
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. the date 2024-02-30
         raise SpecError(f"{path}: not valid YAML: {_bounded(e)}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: cannot read the spec: {_bounded(e)}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the spec must be a mapping of fields, got {type(data).__name__}")
     try:
@@ -487,7 +488,8 @@ def spec_from_dict(data: dict, source: str = "", base: str | None = None) -> Swe
     data = dict(data)
     unknown = sorted(set(data) - _SWEEP_SECTIONS - _TRAIN_FIELDS, key=str)
     if unknown:
-        raise SpecError(f"{unknown[0]}: unknown field; known top-level fields: "
+        raise SpecError(f"{unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 60 else show(unknown[0])}: "
+                        "unknown field; known top-level fields: "
                         f"{', '.join(sorted(_SWEEP_SECTIONS | _TRAIN_FIELDS))}")
     if "name" not in data:
         raise SpecError("name: missing (every sweep needs a name; it names the Ray experiment and MLflow parent run)")

@@ -55,7 +55,9 @@ MAX_PARAM_LEN = 6000
 # userinfo: anything up to the last '@' before the host's '/', whitespace or a double quote; an
 # RFC 3986 password may hold ' and the other sub-delims, so a repr()'d URI is masked too (at worst
 # a little more than the credentials is hidden, never less).
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s\"<>]+)@")
+# Both runs are bounded: masking stays linear in the text's length (an unbounded scheme run made
+# a 1 MB message take minutes: every position of a long word was a candidate scheme).
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,31}://)(?P<userinfo>[^/\s\"<>]{1,1024})@")
 
 
 def mask_uri(text: str) -> str:
