@@ -690,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, USER_ERRORS) and not isinstance(e, (NotImplementedError, RecursionError)):
             text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
             return _err(text or type(e).__name__)
-        return _err(f"{type(e).__name__}: {e} (unexpected; rerun with --debug for the traceback)", code=1)
+        return _err(f"{type(e).__name__}: {one_line(str(e), MAX_MESSAGE - 150)} (unexpected; rerun with --debug for "
+                    "the traceback)", code=1)
 
 
 if __name__ == "__main__":

@@ -688,42 +688,77 @@ def code(text: str) -> str:
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
-def write_doc() -> None:
-    """Run every case through the real `e2kd` executable (a subprocess each) and write the doc."""
+def write_doc(subprocesses: bool = False) -> None:
+    """Run every case through the command line and write the doc: in this process
+    (``orchestrator.cli.main``, the function the ``e2kd`` executable calls; Ray and teacher
+    training refused as in the test), or with ``subprocesses`` one ``python -m orchestrator.cli``
+    process per case (slow on a loaded machine: each imports torch, Ray and MLflow)."""
+    import contextlib
+    import io
     from concurrent.futures import ThreadPoolExecutor
 
     with tempfile.TemporaryDirectory(prefix="e2kd-bad-") as tmp:
         assets = make_assets(os.path.join(tmp, "assets"))
 
-        def one(case: Case) -> str:
+        def row(case: Case, work: str, rc: int, out: str, err: str) -> str:
+            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+            start = next(i for i, ln in enumerate(lines) if ln.startswith("e2kd: error: "))
+            msg = normalise(" ".join(lines[start:]), work, assets)
+            assert rc == 2 and len(lines) == 1 and not out, (case.id, rc, out[-500:], err[-2000:])
+            assert SECRET not in out + err, case.id
+            cmd = "e2kd " + " ".join(shown(a) for a in argv_of(case, work, assets))
+            cmd = normalise(cmd.replace(os.path.join(work, "spec.yaml"), "spec.yaml"), work, assets)
+            print(case.id, msg[:120], flush=True)
+            return f"| `{case.id}` | {case.what} | {code(cmd)} | {case.stage} | {code(msg.replace('|', chr(92) + '|'))} |"
+
+        def one_subprocess(case: Case) -> str:
             work = os.path.join(tmp, case.id)
             os.makedirs(work)
             write_case(case, work, assets)
             env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": ROOT}
-            # python -m orchestrator.cli: what the `e2kd` executable runs, from this checkout
             p = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv_of(case, work, assets)],
                                capture_output=True, text=True, env=env, timeout=300, cwd=work)
-            lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
-            start = next(i for i, ln in enumerate(lines) if ln.startswith("e2kd: error: "))
-            msg = normalise(" ".join(lines[start:]), work, assets)
-            assert p.returncode == 2, (case.id, p.returncode, p.stderr[-2000:])
-            assert SECRET not in p.stdout + p.stderr, case.id
-            cmd = "e2kd " + " ".join(shown(a) for a in argv_of(case, work, assets))
-            cmd = normalise(cmd.replace(os.path.join(work, "spec.yaml"), "spec.yaml"), work, assets)
-            print(case.id, msg[:120], flush=True)
-            return f"| `{case.id}` | {case.what} | `{cmd}` | {case.stage} | {code(msg.replace('|', chr(92) + '|'))} |"
+            return row(case, work, p.returncode, p.stdout, p.stderr)
 
-        with ThreadPoolExecutor(4) as pool:
-            rows = list(pool.map(one, CASES))
+        def one_in_process(case: Case) -> str:
+            import orchestrator.sweep
+            import trainables.teacher
+            from orchestrator.cli import main
+
+            def refuse(*a, **k):
+                raise AssertionError("the command got past its checks (it would start Ray / train a teacher)")
+
+            orchestrator.sweep.init_ray = orchestrator.sweep.run_sweep = trainables.teacher.train_teacher = refuse
+            work = os.path.join(tmp, case.id)
+            os.makedirs(work)
+            write_case(case, work, assets)
+            out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+            os.chdir(work)
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    try:
+                        rc = main(argv_of(case, work, assets))
+                    except SystemExit as e:
+                        rc = e.code
+            finally:
+                os.chdir(cwd)
+            return row(case, work, rc, out.getvalue(), err.getvalue())
+
+        if subprocesses:
+            with ThreadPoolExecutor(4) as pool:
+                rows = list(pool.map(one_subprocess, CASES))
+        else:
+            rows = [one_in_process(c) for c in CASES]
     with open(DOC, "w") as f:
         f.write(DOC_HEAD + "\n".join(rows) + "\n" + DOC_TAIL)
 
 
 DOC_HEAD = """# Bad input: what the user sees
 
-Every row was produced by running the command line (`python -m orchestrator.cli …`, what the
-`e2kd` executable runs) in a subprocess on the quickstart spec with one thing wrong (or on the
-command's arguments); every case ends with exit code 2 and exactly one line on stderr. Machine-
+Every row was produced by running the command line (`orchestrator.cli.main`, the function the
+`e2kd` executable calls, with the case's directory as the working directory; `--write-doc
+--subprocesses` runs a `python -m orchestrator.cli` process per case instead) on the quickstart
+spec with one thing wrong (or on the command's arguments); every case ends with exit code 2 and exactly one line on stderr. Machine-
 specific paths are shown as `<work>` (the directory holding `spec.yaml`, also the working
 directory) and `<assets>` (where the test teachers, cache and MLflow store live), and sha256
 digests as `<sha256>`. `PASSWORD` in a case stands for a secret in a URI: it is never printed, the
@@ -764,7 +799,7 @@ These cannot be caught before Ray starts; `tests/test_faults.py` checks each.
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--write-doc"]:
-        write_doc()
+    if sys.argv[1:2] == ["--write-doc"] and sys.argv[2:] in ([], ["--subprocesses"]):
+        write_doc(subprocesses=sys.argv[2:] == ["--subprocesses"])
     else:
-        sys.exit("usage: tests/test_bad_input.py --write-doc")
+        sys.exit("usage: tests/test_bad_input.py --write-doc [--subprocesses]")
