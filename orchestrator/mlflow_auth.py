@@ -36,6 +36,15 @@ def write_config(path: str, database_uri: str) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(CONFIG.format(database_uri=database_uri, admin=admin))
+    # The auth app's CSRF protection needs a static Flask secret (MLFLOW_FLASK_SERVER_SECRET_KEY):
+    # made once, kept beside the configuration, read by the server's start command.
+    secret = os.path.join(os.path.dirname(os.path.abspath(path)), "flask_secret")
+    if not os.path.isfile(secret) or not os.path.getsize(secret):
+        import secrets
+
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
     return path
 
 

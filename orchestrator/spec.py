@@ -429,7 +429,14 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _bounded(e: BaseException, limit: int = 300) -> str:
-    """An exception's text on one line, at most ``limit`` characters (YAML errors quote the input)."""
+    """An exception's text on one line, at most ``limit`` characters. A YAML error is told by its
+    problem and line/column (not PyYAML's text, which repeats the file name and quotes the input)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        where = lambda m: f"line {m.line + 1}, column {m.column + 1}" if m is not None else ""  # noqa: E731
+        text = f"{e.problem or 'error'} at {where(e.problem_mark)}" if e.problem_mark else str(e.problem or e)
+        if e.context:
+            text += f" ({e.context}{' at ' + where(e.context_mark) if e.context_mark else ''})"
+        e = text
     text = " ".join(str(e).split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
 

@@ -706,8 +706,9 @@ def write_doc(subprocesses: bool = False) -> None:
             msg = normalise(" ".join(lines[start:]), work, assets)
             assert rc == 2 and len(lines) == 1 and not out, (case.id, rc, out[-500:], err[-2000:])
             assert SECRET not in out + err, case.id
-            cmd = "e2kd " + " ".join(shown(a) for a in argv_of(case, work, assets))
-            cmd = normalise(cmd.replace(os.path.join(work, "spec.yaml"), "spec.yaml"), work, assets)
+            args = [normalise(a.replace(os.path.join(work, "spec.yaml"), "spec.yaml").replace(SECRET, "PASSWORD"),
+                              work, assets) for a in argv_of(case, work, assets)]
+            cmd = "e2kd " + " ".join(shown(a) for a in args)
             print(case.id, msg[:120], flush=True)
             return f"| `{case.id}` | {case.what} | {code(cmd)} | {case.stage} | {code(msg.replace('|', chr(92) + '|'))} |"
 

@@ -43,11 +43,12 @@ def test_cluster_mlflow_runs_the_basic_auth_app(path):
     assert "mlflow server --app-name basic-auth" in cmd
     assert "MLFLOW_AUTH_CONFIG_PATH=~/mlflow/basic_auth.ini" in cmd
     assert 'MLFLOW_AUTH_ADMIN_PASSWORD="${MLFLOW_TRACKING_PASSWORD}"' in cmd
+    assert 'MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat ~/mlflow/flask_secret)"' in cmd  # CSRF secret, made on the head
     assert "python -m orchestrator.mlflow_auth ~/mlflow/basic_auth.ini" in cmd
     # credentials from the environment of every node, never written into the cluster file
     assert cfg["file_mounts"]["~/.e2kd-mlflow.env"] == "~/.e2kd-mlflow.env"
     assert any(". ~/.e2kd-mlflow.env" in c for c in cfg["setup_commands"])
-    assert not re.search(r"MLFLOW_TRACKING_PASSWORD=[^\"$\s]", path.read_text())
+    assert not re.search(r"MLFLOW_TRACKING_PASSWORD=[^\"$\s.]", path.read_text())
     assert any('.[auth]' in c for c in cfg["head_setup_commands"])  # Flask-WTF for the auth app
 
 
