@@ -233,6 +233,7 @@ MAX_SPEC_BYTES = 1 << 20  # the file
 MAX_DEPTH = 20  # nested mappings/lists
 MAX_NODES = 20_000  # values after alias expansion (a "billion laughs" file is ~1 KB of YAML)
 MAX_SHOW = 120  # characters of a bad value echoed in a message
+MAX_OVERRIDE = 10_000  # characters of one --set key=value
 
 _repr = reprlib.Repr()
 _repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxtuple = 2, 4, 4, 4
@@ -421,6 +422,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise SpecError(f"--set {show(text)}: expected dotted.key=value")
+    if len(text) > MAX_OVERRIDE:
+        raise SpecError(f"--set {show(text)}: {len(text)} characters, more than the {MAX_OVERRIDE} an override may have")
     try:
         value = safe_load(raw, "<--set value>")
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. the date 2024-02-30

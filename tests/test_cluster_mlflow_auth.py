@@ -81,7 +81,9 @@ def auth_server(tmp_path_factory):
     start = cmd.index("python -m orchestrator.mlflow_auth")
     script = cmd[start:cmd.index(">> ~/mlflow/server.log")]
     script = (script.replace("if ! mlflow_up; then", "").replace("nohup ", "exec ")
-              .replace('"${MLFLOW_HOST}"', "127.0.0.1").replace("--port 5000", f"--port {port}"))
+              .replace('"${MLFLOW_HOST}"', "127.0.0.1").replace("--port 5000", f"--port {port} --workers 1"))
+    # --workers 1: one server process (uvicorn's supervisor kills worker processes that boot slower
+    # than its health-check timeout, which happens on a loaded 2-core test machine)
     password = "adm1n-" + base64.b16encode(os.urandom(8)).decode()
     env = {**os.environ, "HOME": str(home), "MLFLOW_TRACKING_USERNAME": "e2kd-admin",
            "MLFLOW_TRACKING_PASSWORD": password, "PYTHONPATH": os.pathsep.join(
