@@ -24,9 +24,27 @@ import time
 from orchestrator.spec import SpecError, SweepSpec, load_spec
 
 
-def _err(msg: str) -> int:
-    print(f"e2kd: error: {msg}", file=sys.stderr)
-    return 2
+MAX_MESSAGE = 1000  # characters of one error line
+
+
+def one_line(msg: str, limit: int = MAX_MESSAGE) -> str:
+    """Any text as one masked line of at most ``limit`` characters."""
+    from orchestrator.tracking import short
+
+    return short(msg, limit)
+
+
+def _err(msg: str, code: int = 2) -> int:
+    print(f"e2kd: error: {one_line(msg)}", file=sys.stderr)
+    return code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one masked, bounded line (not the usage text and a line)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        _err(f"{self.prog}: {message} (see `{self.prog} -h`)")
+        raise SystemExit(2)
 
 
 def _load(args) -> SweepSpec:
@@ -34,18 +52,20 @@ def _load(args) -> SweepSpec:
 
 
 def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bool = True,
-              address: str | None = None) -> None:
-    """Checks that need no Ray: data paths, teacher checkpoint and cache, GPUs and CPUs of a local
-    instance, tracking server. ``address``: the cluster the command will connect to (None: a local
-    Ray instance, unless RAY_ADDRESS is set)."""
+              address: str | None = None, record: bool = True) -> None:
+    """Checks that need no Ray: every path and URI of the spec, data, teacher checkpoint and cache,
+    GPUs and CPUs of a local instance, the Ray address, the tracking store (``record``: the
+    command writes to MLflow). ``address``: the cluster the command will connect to (None: a
+    local Ray instance, unless RAY_ADDRESS is set)."""
     from orchestrator import tracking
     from trainables.data import dataset_info
 
     t = spec.train
     r = spec.resources
     local = not (address or os.environ.get("RAY_ADDRESS"))
+    check_paths(spec, tracking_uri)
     if t.data.root is not None and "://" in t.data.root:  # datasets are read with os/PIL, not pyarrow
-        raise ValueError(f"data.root: {t.data.root} is a store URI; datasets are read from a local or shared-filesystem "
+        raise ValueError(f"data.root: {tracking.mask_uri(t.data.root)} is a store URI; datasets are read from a local or shared-filesystem "
                          "path (only teacher.path and teacher.cache_dir may be store URIs)")
     if t.data.root is not None and not os.path.exists(t.data.root):
         raise FileNotFoundError(f"data.root: dataset path does not exist: {t.data.root}")
@@ -104,7 +124,115 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
                 "fingerprint": dataset_info(t.data).fingerprint})
         except CacheError as e:
             raise CacheError(f"teacher.cache_dir: {e}; rebuild it with `e2kd cache {spec.source} --force`") from None
-    tracking.check_reachable(tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri))
+    if record:
+        tracking.check_store(tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri), write=True)
+    if not local:
+        check_address(address or os.environ["RAY_ADDRESS"])
+
+
+STORE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
+
+
+def check_paths(spec: SweepSpec, tracking_uri: str | None) -> None:
+    """Every path and URI a spec holds, before anything runs: what must exist exists and is of the
+    right kind (a file, a folder), what will be written can be, URIs have a scheme the storage
+    layer reads. Nothing is written."""
+    from orchestrator import tracking
+
+    t = spec.train
+
+    def local(field: str, path: str) -> str | None:
+        if "://" not in path:
+            return path
+        scheme = path.split("://", 1)[0].lower()
+        if scheme not in STORE_SCHEMES:
+            raise ValueError(f"{field}: {tracking.mask_uri(path)}: unsupported URI scheme {scheme[:20]!r} "
+                             f"(supported: {', '.join(STORE_SCHEMES)})")
+        return path[len("file://"):] if scheme == "file" else None
+
+    tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)  # a file store is refused
+    if t.data.root is not None and "://" not in t.data.root and os.path.exists(t.data.root) \
+            and not os.path.isdir(t.data.root):
+        raise NotADirectoryError(f"data.root: {t.data.root} is a file, not a dataset folder")
+    if t.student_weights is not None:
+        if "://" in t.student_weights and not t.student_weights.startswith("file://"):
+            raise ValueError(f"student_weights: {tracking.mask_uri(t.student_weights)} is a store URI; weights are "
+                             "read from a local or shared-filesystem path")
+        p = local("student_weights", t.student_weights)
+        if not os.path.isfile(p):
+            what = "is a directory, not a weights file" if os.path.isdir(p) else "does not exist"
+            raise FileNotFoundError(f"student_weights: {p} {what}")
+        if not p.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise ValueError(f"student_weights: {p}: expected a .pt/.pth/.bin/.safetensors weights file")
+    storage = local("storage", spec.storage)
+    if storage is not None:
+        tracking.check_writable("storage", storage)
+    tp = local("teacher.path", t.teacher.path)
+    if tp is not None and os.path.isfile(tp) and not tp.endswith(".pt"):
+        raise NotADirectoryError(f"teacher.path: {tp} is a file, not a teacher directory (or its teacher.pt)")
+    if tp is not None and not os.path.exists(tp):
+        tracking.check_writable("teacher.path", tp)
+    if t.teacher.mode == "cached":
+        cp = local("teacher.cache_dir", t.teacher.cache_dir)
+        if cp is not None and os.path.exists(cp) and not os.path.isdir(cp):
+            raise NotADirectoryError(f"teacher.cache_dir: {cp} is a file, not a cache folder")
+        if cp is not None and not os.path.isfile(os.path.join(cp, "manifest.json")):  # to be built: writable
+            tracking.check_writable("teacher.cache_dir", cp)
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """A Ray address must answer within seconds (``ray.init`` waits much longer for a dead one).
+    ``auto``/``local`` are left to Ray (they look for a running instance on this machine)."""
+    import socket
+
+    from orchestrator import tracking
+
+    a = address.strip()
+    if a in ("auto", "local"):
+        return
+    where = f"--address {tracking.mask_uri(a)[:200]}"
+    if a.startswith(("http://", "https://")):
+        raise ValueError(f"{where}: that is the dashboard / Jobs API; give the GCS address host:6379 (or auto), "
+                         "or submit with `ray job submit`")
+    hostport = a[len("ray://"):] if a.startswith("ray://") else a
+    if "@" in hostport:
+        raise ValueError(f"{where}: credentials do not belong in a Ray address (Ray uses its auth token, "
+                         "RAY_AUTH_MODE=token)")
+    if "://" in hostport or "/" in hostport:
+        raise ValueError(f"{where}: expected host:port, ray://host:port or auto")
+    host, sep, port_s = hostport.rpartition(":")
+    if not sep or not host or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise ValueError(f"{where}: expected host:port with a port in 1-65535, ray://host:port or auto")
+    host = host.strip("[]")
+    try:
+        tracking._call_with_deadline(lambda: socket.create_connection((host, int(port_s)), timeout=timeout_s).close(),
+                                     timeout_s, "ray-address")
+    except (OSError, TimeoutError) as e:
+        raise ConnectionError(f"{where}: no Ray cluster answers at {host[:100]}:{port_s} "
+                              f"({tracking.short(e, 150)}); start it, or leave --address out for a local "
+                              "instance") from None
+
+
+def check_compare_args(spec: SweepSpec, args) -> None:
+    """``e2kd compare --seeds/--lam`` validate like the spec's own seed and loss.lam."""
+    import math
+
+    seeds = args.seeds or []
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        raise ValueError(f"--seeds: {str(bad[0])[:40]} is outside [0, 2**32)")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("--seeds: each seed once (a repeated seed reruns the same trial)")
+    lams = args.lam or []
+    bad = [x for x in lams if not math.isfinite(x) or x < 0]
+    if bad:
+        raise ValueError(f"--lam: {str(bad[0])[:40]} is not a finite number >= 0")
+    if len(set(lams)) != len(lams):
+        raise ValueError("--lam: each value once")
+    if len(seeds) * max(1, len(lams)) > 1000:
+        raise ValueError(f"--seeds × --lam: {len(seeds) * max(1, len(lams))} runs; at most 1000")
 
 
 def _no_teacher_message(spec: SweepSpec) -> str:
@@ -121,7 +249,7 @@ def ensure_teacher(spec: SweepSpec, force: bool = False):
 
     t = spec.train
     if not force and teacher_exists(t.teacher.path):
-        _, card = load_teacher(t.teacher.path)
+        card = _load_card(t.teacher.path)
         if card.arch != t.teacher.arch:
             raise ValueError(f"teacher.arch is {t.teacher.arch!r} but {t.teacher.path} holds a {card.arch!r} teacher")
         acc = "n/a" if card.test_accuracy is None else f"{card.test_accuracy:.3f}"
@@ -133,9 +261,28 @@ def ensure_teacher(spec: SweepSpec, force: bool = False):
             raise ValueError(f"teacher_training: `--force` retrains the teacher in {t.teacher.path}, but the spec "
                              f"{spec.source} has no teacher_training section saying how")
         raise FileNotFoundError(_no_teacher_message(spec))
-    print(f"[e2kd] training teacher {t.teacher.arch} on clean {t.data.name} -> {t.teacher.path}")
-    return train_teacher(t.teacher.arch, t.data, t.teacher.path, epochs=tt.epochs, lr=tt.lr,
-                         batch_size=tt.batch_size, seed=tt.seed)
+    from orchestrator.locks import writer_lock
+
+    with writer_lock("teacher.path", t.teacher.path):
+        if not force and teacher_exists(t.teacher.path):  # another process trained it meanwhile
+            return _load_card(t.teacher.path)
+        print(f"[e2kd] training teacher {t.teacher.arch} on clean {t.data.name} -> {t.teacher.path}")
+        return train_teacher(t.teacher.arch, t.data, t.teacher.path, epochs=tt.epochs, lr=tt.lr,
+                             batch_size=tt.batch_size, seed=tt.seed)
+
+
+def _load_card(path: str):
+    """Load and verify a teacher; a broken model card or weights file is one line naming it."""
+    from trainables.teacher import load_teacher, teacher_paths
+
+    try:
+        _, card = load_teacher(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"teacher.path: {e}") from None
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError, RuntimeError) as e:
+        raise ValueError(f"teacher.path: the model card {teacher_paths(path)[1]} or its weights are not valid "
+                         f"({type(e).__name__}: {e}); rewrite it with `e2kd teacher SPEC --force`") from None
+    return card
 
 
 def ensure_cache(spec: SweepSpec, force: bool = False) -> None:
@@ -148,10 +295,15 @@ def ensure_cache(spec: SweepSpec, force: bool = False) -> None:
         print(f"[e2kd] teacher cache: {t.teacher.cache_dir}")
         return
     from orchestrator.cache_job import build_cache
+    from orchestrator.locks import writer_lock
 
-    print(f"[e2kd] caching teacher logits + {t.loss.explainer} maps -> {t.teacher.cache_dir}")
-    build_cache(t.teacher.path, t.data, t.loss.explainer, t.teacher.cache_dir, use_gpu=spec.resources.use_gpu,
-                max_map_side=t.teacher.cache_map_side, overwrite=force)
+    with writer_lock("teacher.cache_dir", t.teacher.cache_dir):
+        if storage.is_file(storage.join(t.teacher.cache_dir, "manifest.json")) and not force:
+            print(f"[e2kd] teacher cache: {t.teacher.cache_dir} (built by another process meanwhile)")
+            return
+        print(f"[e2kd] caching teacher logits + {t.loss.explainer} maps -> {t.teacher.cache_dir}")
+        build_cache(t.teacher.path, t.data, t.loss.explainer, t.teacher.cache_dir, use_gpu=spec.resources.use_gpu,
+                    max_map_side=t.teacher.cache_map_side, overwrite=force)
 
 
 @contextlib.contextmanager
@@ -200,9 +352,8 @@ def cmd_compare(args) -> int:
 
     spec = _load(args)
     spec = dataclasses.replace(spec, name=args.name or f"{spec.name}-compare")
+    check_compare_args(spec, args)
     args.lam = args.lam or sorted({0.0, spec.train.loss.lam})
-    if len(set(args.seeds)) != len(args.seeds):
-        raise SpecError(f"--seeds: {args.seeds} repeats a seed")
     # By default the k-shot subset varies with the seed (data.seed = seed): with few shots, which
     # images are drawn moves results as much as the initialisation does, and ± must include it.
     if args.fixed_data and args.data_seeds:
@@ -210,6 +361,8 @@ def cmd_compare(args) -> int:
     data_seeds = None if args.fixed_data else (args.data_seeds or args.seeds)
     if data_seeds is not None and len(data_seeds) != len(args.seeds):
         raise SpecError(f"--data-seeds: give one per --seeds ({len(args.seeds)}), got {len(data_seeds)}")
+    if data_seeds is not None and (bad := [d for d in data_seeds if not 0 <= d < 2**32]):
+        raise SpecError(f"--data-seeds: {str(bad[0])[:40]} is outside [0, 2**32)")
     grid: dict[str, list] = {"loss.lam": args.lam}
     if data_seeds is None:
         grid["seed"] = args.seeds
@@ -295,8 +448,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_teacher(args) -> int:
+    from trainables.data import dataset_info
+    from trainables.teacher import teacher_exists
+
     spec = _load(args)
+    t = spec.train
+    check_paths(spec, None)
+    if t.data.root is not None and not os.path.exists(t.data.root):
+        raise FileNotFoundError(f"data.root: dataset path does not exist: {t.data.root}")
+    dataset_info(t.data)
     if args.weights:
+        if not os.path.isfile(args.weights):
+            what = "is a directory, not a weights file" if os.path.isdir(args.weights) else "does not exist"
+            raise FileNotFoundError(f"--weights: {args.weights} {what}")
+        if teacher_exists(t.teacher.path) and not args.force:
+            raise FileExistsError(f"teacher.path: {t.teacher.path} already holds a teacher; pass --force to replace "
+                                  "it with the imported weights")
         return import_teacher(spec, args.weights)
     ensure_teacher(spec, force=args.force)
     return 0
@@ -310,11 +477,14 @@ def import_teacher(spec: SweepSpec, weights: str) -> int:
     from trainables.models import build_model
     from trainables.teacher import save_teacher
 
+    from orchestrator.locks import writer_lock
+
     t = spec.train
     num_classes = dataset_info(t.data).num_classes
     model = build_model(t.teacher.arch, num_classes, weights=weights)
-    card = save_teacher(model, t.teacher.arch, t.data, t.teacher.path,
-                        extra={"imported_from": os.path.abspath(weights)})
+    with writer_lock("teacher.path", t.teacher.path):
+        card = save_teacher(model, t.teacher.arch, t.data, t.teacher.path,
+                            extra={"imported_from": os.path.abspath(weights)})
     print(f"[e2kd] teacher {card.arch} imported from {weights} -> {t.teacher.path} (sha256 {card.sha256[:12]}…)")
     return 0
 
@@ -323,6 +493,7 @@ def cmd_cache(args) -> int:
     spec = _load(args)
     if spec.train.teacher.mode != "cached":
         return _err(f"{args.spec}: teacher.mode is {spec.train.teacher.mode!r}; set teacher.mode=cached and teacher.cache_dir")
+    preflight(spec, None, address=args.address, record=False)
     ensure_teacher(spec)
     from orchestrator.sweep import init_ray
 
@@ -348,6 +519,11 @@ def cmd_capacity(args) -> int:
     from orchestrator.sweep import concurrency, start_timeout_s
 
     address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    check_address(address)
+    if args.spec:
+        _load(args)  # a bad spec fails before connecting
+    if args.publish and not os.path.isfile(args.publish):
+        raise FileNotFoundError(f"--publish: {args.publish} is not a file")
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError) as e:
@@ -373,8 +549,12 @@ def cmd_capacity(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from orchestrator import report
+    from orchestrator import report, tracking
 
+    # Read-only: never creates a store; the plots' folder must be writable.
+    tracking.check_store(tracking.resolve_tracking_uri(args.tracking_uri), write=False)
+    if args.out:
+        tracking.check_writable("--out", args.out)
     if args.trend:
         report.print_trend(args.experiment, args.tracking_uri, args.trend, args.by, tuple(args.metrics), args.out)
     else:
@@ -387,6 +567,10 @@ def cmd_ui(args) -> int:
     from orchestrator import tracking
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracking.check_store(uri, write=False)  # read-only: an absent store is an error, never created
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port: {args.port} is not in 1-65535")
+    check_port_free(args.host, args.port)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     art = tracking.default_artifact_location(uri)
     if art:
@@ -394,14 +578,37 @@ def cmd_ui(args) -> int:
     print(f"[e2kd] MLflow UI at http://{args.host}:{args.port} (store {tracking.mask_uri(uri)}); Ctrl-C to stop")
     proc = subprocess.Popen(cmd)
     try:
-        return proc.wait()
+        code = proc.wait()
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
-        return proc.wait()
+        proc.wait()
+        return 0
+    if code != 0:
+        raise RuntimeError(f"the MLflow UI server on {args.host}:{args.port} exited with code {code} (its output "
+                           "is above)")
+    return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """The UI's address can be bound (else mlflow's server fails after printing a banner)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise ValueError(f"--host {host[:100]}: not an address of this machine ({e})") from None
+    fam, _, _, _, addr = infos[0]
+    with socket.socket(fam, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise ConnectionError(f"--host {host[:100]} --port {port}: cannot listen there ({e.strerror or e}); "
+                                  "pick another --port") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="e2kd", description="Explanation-enhanced knowledge distillation at cluster scale")
+    p = Parser(prog="e2kd", description="Explanation-enhanced knowledge distillation at cluster scale")
+    p.add_argument("--debug", action="store_true", help="on an error, also print the (masked) traceback")
     sub = p.add_subparsers(dest="command", required=True)
 
     def spec_cmd(name: str, help: str, fn) -> argparse.ArgumentParser:
@@ -466,19 +673,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a user can cause (a bad spec, path, URI, server, permission): the message is the story.
+# Anything else is a bug or an unanticipated failure: its type is named and --debug asked for.
+USER_ERRORS = (SpecError, OSError, ValueError, RuntimeError, LookupError, TimeoutError)
+
+
+def _masked_excepthook(exc_type, exc, tb) -> None:
+    """Uncaught exceptions outside ``main`` (threads, interpreter shutdown) are masked too."""
+    import traceback
+
+    from orchestrator.tracking import mask_uri
+
+    sys.stderr.write(mask_uri("".join(traceback.format_exception(exc_type, exc, tb))))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Every failure ends here: one line ``e2kd: error: ...`` on stderr (masked, at most
+    MAX_MESSAGE characters), exit code 2 for what the user can fix, 1 for anything else;
+    ``--debug`` (or E2KD_DEBUG=1) prints the masked traceback first."""
+    import threading
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("E2KD_DEBUG"))
+    sys.excepthook = _masked_excepthook
+    threading.excepthook = lambda a: _masked_excepthook(a.exc_type, a.exc_value, a.exc_traceback)
     try:
+        # --debug anywhere on the line (e2kd sweep SPEC --debug), not only before the command
+        args = build_parser().parse_args([a for a in argv if a != "--debug"] + (["--debug"] if debug else []))
         return args.fn(args)
-    except SpecError as e:
-        return _err(str(e))
-    except (FileNotFoundError, ConnectionError, ValueError, RuntimeError) as e:
-        if os.environ.get("E2KD_DEBUG"):
-            raise
-        return _err(str(e))
+    except SystemExit:
+        raise
     except KeyboardInterrupt:
         print("[e2kd] interrupted", file=sys.stderr)
         return 130
+    except BaseException as e:  # noqa: BLE001 - the CLI's one error path
+        if debug:
+            _masked_excepthook(type(e), e, e.__traceback__)
+        if isinstance(e, USER_ERRORS) and not isinstance(e, (NotImplementedError, RecursionError)):
+            text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            return _err(text or type(e).__name__)
+        return _err(f"{type(e).__name__}: {one_line(str(e), MAX_MESSAGE - 150)} (unexpected; rerun with --debug for "
+                    "the traceback)", code=1)
 
 
 if __name__ == "__main__":

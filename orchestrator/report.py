@@ -28,13 +28,16 @@ def _is_num(s: str) -> bool:
 def load_sweep(client: MlflowClient, experiment: str, sweep: str | None):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ValueError(f"MLflow experiment {experiment!r} not found in {tracking.mask_uri(client.tracking_uri)}")
-    flt = f"tags.`{tracking.TAG_ROLE}` = 'parent'" + (f" and tags.`{tracking.TAG_SWEEP}` = '{sweep}'" if sweep else "")
+        raise ValueError(f"MLflow experiment {tracking.short(repr(experiment), 100)} not found in "
+                         f"{tracking.mask_uri(client.tracking_uri)}")
+    flt = tracking.tag_equals(tracking.TAG_ROLE, "parent") + (
+        f" and {tracking.tag_equals(tracking.TAG_SWEEP, sweep)}" if sweep else "")
     parents = client.search_runs([exp.experiment_id], flt, order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
-        raise ValueError(f"no sweep{' ' + repr(sweep) if sweep else ''} in experiment {experiment!r}")
+        raise ValueError(f"no sweep{' ' + tracking.short(repr(sweep), 100) if sweep else ''} in experiment "
+                         f"{tracking.short(repr(experiment), 100)}")
     parent = parents[0]
-    children = client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_PARENT}` = '{parent.info.run_id}'",
+    children = client.search_runs([exp.experiment_id], tracking.tag_equals(tracking.TAG_PARENT, parent.info.run_id),
                                   max_results=10000)
     return parent, children
 

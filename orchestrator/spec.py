@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,16 +47,22 @@ class ParamSpec:
                 raise ValueError("a choice entry needs a non-empty 'values' list")
             bad = [v for v in self.values if v is not None and not isinstance(v, (bool, int, float, str))]
             if bad:  # Optuna's suggest_categorical takes None/bool/int/float/str only
-                raise ValueError(f"choice 'values' must be numbers, strings, booleans or null, got {bad[0]!r}")
+                raise ValueError(f"choice 'values' must be numbers, strings, booleans or null, got {show(bad[0])}")
             return
         if self.low is None or self.high is None:
             raise ValueError(f"a {self.type} entry needs 'low' and 'high'")
         for k in ("low", "high"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
-                raise ValueError(f"'{k}' must be a finite number, got {v!r}")
+                raise ValueError(f"'{k}' must be a finite number, got {show(v)}")
         if not self.low < self.high:
             raise ValueError(f"'low' ({self.low}) must be < 'high' ({self.high})")
+        if self.type == "int":
+            for k in ("low", "high"):
+                v = getattr(self, k)
+                if not float(v).is_integer():
+                    raise ValueError(f"an int entry needs integer '{k}', got {show(v)}")
+                object.__setattr__(self, k, int(v))
         if (self.type == "loguniform" or self.log) and self.low <= 0:
             raise ValueError(f"a log-scale range needs low > 0, got {self.low}")
 
@@ -164,7 +171,7 @@ class ResourcesConfig:
         for f in ("max_concurrent_trials", "num_cpus"):
             v = getattr(self, f)
             if v is not None and v < 1:
-                raise ValueError(f"resources.{f} must be >= 1 (or null), got {v}")
+                raise ValueError(f"resources.{f} must be >= 1 (or null), got {show(v)}")
 
     @property
     def cpus_per_trial(self) -> float:
@@ -211,6 +218,8 @@ class TeacherTrainingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"teacher_training.seed must be in [0, 2**32), got {self.seed}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("teacher_training.epochs and batch_size must be >= 1 and teacher_training.lr > 0")
 
@@ -233,7 +242,7 @@ class SweepSpec:
         # The name becomes a directory under ``storage`` and an MLflow filter value: no path
         # separators, no quotes.
         if not _NAME.fullmatch(self.name):
-            raise ValueError(f"name {self.name!r} must be 1-100 letters, digits, '.', '_' or '-', "
+            raise ValueError(f"name {show(self.name)} must be 1-100 letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit")
         if not self.storage:
             raise ValueError("storage must not be empty")
@@ -250,6 +259,88 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 class SpecError(ValueError):
     """A spec problem, with the file and the dotted field in the message."""
+
+
+# What the loader accepts: a spec is a few KB of YAML. Beyond these a file is refused before it
+# is converted, so neither memory nor an error message can grow with what an attacker wrote.
+MAX_SPEC_BYTES = 1 << 20  # the file
+MAX_DEPTH = 20  # nested mappings/lists
+MAX_NODES = 20_000  # values after alias expansion (a "billion laughs" file is ~1 KB of YAML)
+MAX_SHOW = 120  # characters of a bad value echoed in a message
+MAX_OVERRIDE = 10_000  # characters of one --set key=value
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxtuple = 2, 4, 4, 4
+_repr.maxstring, _repr.maxother, _repr.maxlong = 60, 60, 40
+
+
+def show(value: Any, limit: int = MAX_SHOW) -> str:
+    """A bounded repr of a user-supplied value for an error message (never the whole value)."""
+    try:
+        text = _repr.repr(value)
+    except Exception:  # noqa: BLE001 - a repr must never be the error
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (YAML says they are an error; PyYAML keeps
+    the last one silently, which would turn ``loss: {lam: 1, lam: 0}`` into a KD run) and
+    bounds nesting depth."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:  # the keys as written: a merge (<<) may be overridden
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    hash(key)
+                except (TypeError, yaml.constructor.ConstructorError):
+                    continue  # an unhashable key: SafeLoader's own error follows
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {show(key)} (first at line {seen[key].line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(text: str, name: str = "<string>") -> Any:
+    """Parse spec YAML (a file or a ``--set`` value): safe tags only, no duplicate keys, bounded
+    size, depth and alias expansion. Raises yaml.YAMLError / ValueError / RecursionError."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise ValueError(f"{len(text)} characters, more than the {MAX_SPEC_BYTES} a spec may have")
+    loader = _SpecLoader(text)
+    loader.name = name  # marks ("in <file>, line 3") name the file, as yaml.safe_load(open(f)) did
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_node(root)
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+def _check_node(root) -> None:
+    """Depth and expanded size of a composed YAML graph (aliases count every time they are used),
+    checked before anything is constructed."""
+    budget = MAX_NODES
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ValueError(f"more than {MAX_NODES} values once aliases are expanded")
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels (line {node.start_mark.line + 1})")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((n, depth + 1) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                stack.extend(((k, depth + 1), (v, depth + 1)))
 
 
 _SWEEP_SECTIONS = {"name", "storage", "max_failures", "search", "resources", "mlflow", "teacher_training"}
@@ -294,19 +385,19 @@ def convert(tp: Any, value: Any, where: str) -> Any:
                 return convert(a, value, where)
             except SpecError as e:
                 errors.append(str(e))
-        raise SpecError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is not a valid {_type_name(tp)}")
+        raise SpecError(errors[0] if len(errors) == 1 else f"{where}: {show(value)} is not a valid {_type_name(tp)}")
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise SpecError(f"{where}: {value!r} is not one of {', '.join(map(repr, typing.get_args(tp)))}")
+            raise SpecError(f"{where}: {show(value)} is not one of {', '.join(map(repr, typing.get_args(tp)))}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise SpecError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise SpecError(f"{where}: expected a mapping, got {type(value).__name__} {show(value)}")
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp) if f.init}
         unknown = sorted(set(value) - names, key=str)
         if unknown:
-            raise SpecError(f"{where + '.' if where else ''}{unknown[0]}: unknown field; known fields here: "
+            raise SpecError(f"{where + '.' if where else ''}{show(unknown[0]) if not isinstance(unknown[0], str) or len(unknown[0]) > 60 else unknown[0]}: unknown field; known fields here: "
                             f"{', '.join(sorted(names))}")
         kwargs = {k: convert(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in value.items()}
         try:
@@ -317,7 +408,7 @@ def convert(tp: Any, value: Any, where: str) -> Any:
             raise SpecError(_in_section(where, _message(e))) from None
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise SpecError(f"{where}: expected a list, got {value!r}")
+            raise SpecError(f"{where}: expected a list, got {show(value)}")
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
@@ -326,16 +417,16 @@ def convert(tp: Any, value: Any, where: str) -> Any:
         return tuple(convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args or [Any] * len(value), value)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise SpecError(f"{where}: expected a mapping, got {value!r}")
+            raise SpecError(f"{where}: expected a mapping, got {show(value)}")
         _, vt = typing.get_args(tp)
         return {str(k): convert(vt, v, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise SpecError(f"{where}: expected true/false, got {value!r}")
+            raise SpecError(f"{where}: expected true/false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"{where}: expected an integer, got {value!r}")
+            raise SpecError(f"{where}: expected an integer, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -345,14 +436,14 @@ def convert(tp: Any, value: Any, where: str) -> Any:
             except ValueError:
                 pass
             if not isinstance(value, float):
-                raise SpecError(f"{where}: expected a number, got {value!r}")
+                raise SpecError(f"{where}: expected a number, got {show(value)}")
         value = float(value)
         if math.isnan(value) or math.isinf(value):
             raise SpecError(f"{where}: must be a finite number, got {value}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise SpecError(f"{where}: expected a string, got {value!r}")
+            raise SpecError(f"{where}: expected a string, got {show(value)}")
         return value
     raise SpecError(f"{where}: unsupported type {tp}")
 
@@ -364,12 +455,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``dotted.key=value`` with the value parsed as YAML (``3``, ``1e-3``, ``[a, b]``, ``null``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise SpecError(f"--set {text!r}: expected dotted.key=value")
+        raise SpecError(f"--set {show(text)}: expected dotted.key=value")
+    if len(text) > MAX_OVERRIDE:
+        raise SpecError(f"--set {show(text)}: {len(text)} characters, more than the {MAX_OVERRIDE} an override may have")
     try:
-        value = yaml.safe_load(raw)
+        value = safe_load(raw, "<--set value>")
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. the date 2024-02-30
-        raise SpecError(f"--set {text!r}: value is not valid YAML: {e}") from None
+        raise SpecError(f"--set {show(text)}: value is not valid YAML: {_bounded(e)}") from None
     return key.strip(), value
+
+
+def _bounded(e: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line, at most ``limit`` characters. A YAML error is told by its
+    problem and line/column (not PyYAML's text, which repeats the file name and quotes the input)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        where = lambda m: f"line {m.line + 1}, column {m.column + 1}" if m is not None else ""  # noqa: E731
+        text = f"{e.problem or 'error'} at {where(e.problem_mark)}" if e.problem_mark else str(e.problem or e)
+        if e.context:
+            text += f" ({e.context}{' at ' + where(e.context_mark) if e.context_mark else ''})"
+        e = text
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -378,7 +484,7 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     for p in parts[:-1]:
         nxt = cur.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise SpecError(f"--set {key}: {p!r} is not a section")
+            raise SpecError(f"--set {show(key)}: {show(p)} is not a section")
         cur = nxt
     cur[parts[-1]] = value
 
@@ -397,15 +503,20 @@ def _resolve_paths(train: dict, base: str) -> None:
 
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
     """Read, override, validate. Raises SpecError('<file>: <field>: <problem>')."""
+    if os.path.isdir(path):
+        raise SpecError(f"{path}: is a directory, not a spec file")
     if not os.path.isfile(path):
         raise SpecError(f"spec file not found: {path}")
+    if os.path.getsize(path) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {os.path.getsize(path)} bytes, more than the {MAX_SPEC_BYTES} a spec may have")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_SPEC_BYTES + 1)
+        data = safe_load(text, path)
+    except (OSError, UnicodeDecodeError) as e:  # before ValueError: UnicodeDecodeError is one
+        raise SpecError(f"{path}: cannot read the spec: {_bounded(e)}") from None
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. the date 2024-02-30
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: cannot read the spec: {e}") from None
+        raise SpecError(f"{path}: not valid YAML: {_bounded(e)}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the spec must be a mapping of fields, got {type(data).__name__}")
     try:
@@ -414,7 +525,7 @@ def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepSp
             _set_dotted(data, key, value)
         return spec_from_dict(data, source=os.path.abspath(path), base=os.getcwd())
     except SpecError as e:
-        raise SpecError(f"{path}: {e}") from None
+        raise SpecError(f"{path}: {_bounded(e, 1000)}") from None
 
 
 def _crop_scale_preset(train: dict) -> None:
@@ -431,7 +542,8 @@ def spec_from_dict(data: dict, source: str = "", base: str | None = None) -> Swe
     data = dict(data)
     unknown = sorted(set(data) - _SWEEP_SECTIONS - _TRAIN_FIELDS, key=str)
     if unknown:
-        raise SpecError(f"{unknown[0]}: unknown field; known top-level fields: "
+        raise SpecError(f"{unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 60 else show(unknown[0])}: "
+                        "unknown field; known top-level fields: "
                         f"{', '.join(sorted(_SWEEP_SECTIONS | _TRAIN_FIELDS))}")
     if "name" not in data:
         raise SpecError("name: missing (every sweep needs a name; it names the Ray experiment and MLflow parent run)")
@@ -477,12 +589,12 @@ def check_search_space(spec: SweepSpec) -> None:
             try:
                 with_overrides(spec.train, {key: v})
             except (ValueError, TypeError, KeyError) as e:
-                raise SpecError(f"{where}: value {v!r} is invalid: {_message(e)}") from None
+                raise SpecError(f"{where}: value {show(v)} is invalid: {_message(e)}") from None
         for cond in (p.when or {}):
             if cond == key:
                 raise SpecError(f"{where}.when: an entry cannot depend on itself")
             if cond not in spec.search.space:
-                raise SpecError(f"{where}.when: {cond!r} is not a search-space key")
+                raise SpecError(f"{where}.when: {show(cond)} is not a search-space key")
     s = spec.search
     if s.grid:
         if not_choice := [k for k, p in s.space.items() if p.type != "choice"]:
@@ -516,12 +628,28 @@ def check_search_space(spec: SweepSpec) -> None:
     except ValueError as e:  # e.g. voc without data.root
         raise SpecError(_in_section("data", str(e))) from None
     if not any(spec.search.metric.startswith(f"{s}_") for s in (*splits, "train")):
-        raise SpecError(f"search.metric: {spec.search.metric!r} is not reported; metrics are <split>_<name> "
+        raise SpecError(f"search.metric: {show(spec.search.metric)} is not reported; metrics are <split>_<name> "
                         f"with split in {', '.join(splits)} (e.g. val_agreement, val_acc)")
     # Tune needs the metric in every epoch's report: only the selection split is (eval.val_every).
     select = "val" if "val" in splits else splits[0]
     split = next(s for s in sorted((*splits, "train"), key=len, reverse=True) if spec.search.metric.startswith(f"{s}_"))
     if split not in (select, "train"):
-        raise SpecError(f"search.metric: {spec.search.metric!r} is measured on {split!r}, which is evaluated at the "
+        raise SpecError(f"search.metric: {show(spec.search.metric)} is measured on {split!r}, which is evaluated at the "
                         f"end only (eval.test_every); search on {select!r} (e.g. {select}_agreement), and read "
                         f"{split} in the report")
+    names = reported_metrics(fam, split)
+    if spec.search.metric not in names:
+        raise SpecError(f"search.metric: {show(spec.search.metric)} is not reported on {split!r} for "
+                        f"{spec.train.data.name}; reported: {', '.join(sorted(names))}")
+
+
+def reported_metrics(fam, split: str) -> set[str]:
+    """The metric names a trial reports for ``split`` (``train`` or an evaluation split) of a
+    dataset family: the training losses, or what :class:`trainables.metrics.MetricSet` computes."""
+    if split == "train":
+        return {f"train_{k}" for k in ("loss", "kd", "exp", "ce")}
+    from trainables.metrics import MetricSet
+
+    ms = MetricSet.build(exp_sim=True, num_groups=len(fam.group_names) if fam.has_groups else 0,
+                         multilabel_classes=2 if fam.multilabel else 0, localisation=fam.has_boxes)
+    return {f"{split}_{k}" for k in ms.compute()}

@@ -52,7 +52,12 @@ PNG_NAME = "explanations.png"
 MAX_PARAM_LEN = 6000
 
 
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s'\"]+)@")
+# userinfo: anything up to the last '@' before the host's '/', whitespace or a double quote; an
+# RFC 3986 password may hold ' and the other sub-delims, so a repr()'d URI is masked too (at worst
+# a little more than the credentials is hidden, never less).
+# Both runs are bounded: masking stays linear in the text's length (an unbounded scheme run made
+# a 1 MB message take minutes: every position of a long word was a candidate scheme).
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,31}://)(?P<userinfo>[^/\s\"<>]{1,1024})@")
 
 
 def mask_uri(text: str) -> str:
@@ -84,18 +89,155 @@ def default_artifact_location(uri: str) -> str | None:
     return None
 
 
+def short(text: str, limit: int = 300) -> str:
+    """Masked, on one line, at most ``limit`` characters: how any text that came from outside
+    (an exception, a server's answer) appears in a message."""
+    text = " ".join(mask_uri(str(text)).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``http://user:pw@host:5000/x`` -> (``http://host:5000/x``, user, pw), percent-decoded;
+    without userinfo the MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD environment."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        u, _, pw = userinfo.partition(":")
+        user, password = unquote(u), unquote(pw)
+    return urlunsplit(parts._replace(netloc=netloc)), user, password
+
+
+def _call_with_deadline(fn: Callable[[], T], timeout_s: float, what: str) -> T:
+    """``fn()`` in a daemon thread, given up after ``timeout_s`` (name resolution and connects
+    that ignore socket timeouts must not hang a command)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run, name=f"e2kd-probe-{what}", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before Ray starts, when an http(s) tracking server does not answer."""
+    """Fail fast, before Ray starts, when an http(s) tracking server does not answer, or refuses
+    the credentials (in the URI, or MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN)."""
     if not uri.startswith(("http://", "https://")):
         return
+    import base64
     import urllib.error
     import urllib.request
+    from urllib.parse import urlsplit
 
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise ConnectionError(f"MLflow tracking server {mask_uri(uri)} is unreachable ({mask_uri(str(e))}); start it or pass "
+        bare, user, password = split_credentials(uri)
+        host, port = urlsplit(bare).hostname, urlsplit(bare).port  # ValueError: a bad port
+        if not host:
+            raise ValueError("no host")
+    except ValueError as e:
+        raise ValueError(f"tracking URI {mask_uri(uri)!r} is not a valid http(s) URL ({short(e, 100)})") from None
+    headers = {}
+    if user is not None or password is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode()
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+
+    def get(path: str) -> int:
+        req = urllib.request.Request(bare.rstrip("/") + path, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    where = f"MLflow tracking server {mask_uri(uri)}"
+    try:
+        _call_with_deadline(lambda: get("/health"), timeout_s, "health")
+        # /health answers without credentials on an authenticating server: ask for something real.
+        code = _call_with_deadline(lambda: get("/api/2.0/mlflow/experiments/search?max_results=1"), timeout_s, "api")
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
+        raise ConnectionError(f"{where} is unreachable ({short(e, 200)}); start it or pass "
                               "--tracking-uri sqlite:///mlflow.db") from None
+    if code in (401, 403):
+        raise ConnectionError(f"{where} refused the credentials (HTTP {code}); set MLFLOW_TRACKING_USERNAME and "
+                              "MLFLOW_TRACKING_PASSWORD in the environment")
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return uri[len("sqlite:///"):].split("?", 1)[0]
+
+
+def check_store(uri: str, write: bool) -> None:
+    """Before anything runs: a SQLite store must be a file in a writable folder (``write``) or
+    exist already (read-only commands never create one); a server must answer."""
+    path = sqlite_path(uri)
+    if path is None:
+        check_reachable(uri)
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"tracking URI {mask_uri(uri)}: {path} is a directory, not a SQLite file")
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise FileNotFoundError(f"tracking URI {mask_uri(uri)}: the folder {os.path.dirname(path)} does not exist")
+    if not os.path.exists(path):
+        if not write:
+            raise FileNotFoundError(f"tracking URI {mask_uri(uri)}: no MLflow store at {path} (nothing recorded "
+                                    "there yet); pass --tracking-uri of the store your sweep used")
+        check_writable("mlflow.tracking_uri", os.path.dirname(path) or ".")
+    elif write and not os.access(path, os.W_OK):
+        raise PermissionError(f"mlflow.tracking_uri: {path} is not writable")
+
+
+def check_writable(field: str, path: str) -> None:
+    """``path`` (a folder to be created or written into) can be: its nearest existing ancestor is a
+    folder in which a folder can be made (probed with an empty temporary folder, removed at once:
+    read-only mounts, missing permissions and pseudo file systems all fail here, not later)."""
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise NotADirectoryError(f"{field}: {p} is a file, not a folder")
+    anc = p
+    while not os.path.exists(anc):
+        anc = os.path.dirname(anc)
+    if not os.path.isdir(anc):
+        raise NotADirectoryError(f"{field}: {p} cannot be created: {anc} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".e2kd-probe-", dir=anc))
+    except OSError as e:
+        raise PermissionError(f"{field}: {p} cannot be written: no folder can be made in {anc} "
+                              f"({e.strerror or type(e).__name__})") from None
+
+
+def filter_value(value: str) -> str:
+    """``value`` as a quoted string literal of an MLflow search filter. MLflow's filter grammar
+    has no escapes: a value is quoted with whichever quote it does not hold, and one holding both
+    (or a backtick or newline) is refused, so user text can never change the filter's meaning."""
+    value = str(value)
+    if any(c in value for c in "`\n\r\\") or ("'" in value and '"' in value):
+        raise ValueError(f"{value[:80]!r} cannot be searched for in MLflow (quotes, backticks or newlines)")
+    return f'"{value}"' if "'" in value else f"'{value}'"
+
+
+def tag_equals(key: str, value: str) -> str:
+    """A filter clause ``tags.`key` = 'value'`` built safely (see :func:`filter_value`)."""
+    if "`" in key:
+        raise ValueError(f"tag key {key[:80]!r} holds a backtick")
+    return f"tags.`{key}` = {filter_value(value)}"
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
@@ -142,7 +284,7 @@ def package_versions() -> dict[str, str]:
 
 
 def find_parent(client: MlflowClient, exp_id: str, sweep: str) -> str | None:
-    runs = client.search_runs([exp_id], f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_ROLE}` = 'parent'",
+    runs = client.search_runs([exp_id], f"{tag_equals(TAG_SWEEP, sweep)} and {tag_equals(TAG_ROLE, 'parent')}",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
 
@@ -165,7 +307,7 @@ def create_parent(client: MlflowClient, exp_id: str, sweep: str, spec_path: str,
 
 
 def find_child(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str) -> str | None:
-    runs = client.search_runs([exp_id], f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`{TAG_PARENT}` = '{parent_id}'",
+    runs = client.search_runs([exp_id], f"{tag_equals(TAG_TRIAL, trial_id)} and {tag_equals(TAG_PARENT, parent_id)}",
                               max_results=2)
     return runs[0].info.run_id if runs else None
 

@@ -1,11 +1,13 @@
-"""Bad input gets one clear line naming the file, field or path, before Ray starts, and leaves
-nothing behind.
+"""Bad input gets one clear line naming the file, field, path or service, before Ray starts, and
+leaves nothing behind.
 
-Every case of ``docs/bad-input.md`` runs here through ``e2kd sweep`` (``orchestrator.cli.main``,
-in-process): exit code 2, one ``e2kd: error: ...`` line naming the field or path, Ray never
-initialised, no teacher / cache / MLflow store / Tune directory created, and the message equal to
-the one the doc records. Regenerate the doc (it runs the real ``e2kd`` executable in a subprocess
-for every case) with::
+Every case of ``docs/bad-input.md`` runs here through the real command line
+(``orchestrator.cli.main``, in-process; ``e2kd sweep`` unless the case names another command):
+exit code 2, exactly one ``e2kd: error: ...`` line on stderr and nothing on stdout, bounded
+output, no secret from a URI anywhere in it, within 10 s, Ray never initialised, no teacher /
+cache / MLflow store / Tune directory created (nor anything in the working directory), and the
+message equal to the one the doc records. Regenerate the doc (it runs the CLI in a subprocess for
+every case) with::
 
     .venv/bin/python tests/test_bad_input.py --write-doc
 
@@ -18,6 +20,7 @@ import copy
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +38,8 @@ QUICKSTART = os.path.join(ROOT, "sweeps", "quickstart.yaml")
 DOC = os.path.join(ROOT, "docs", "bad-input.md")
 E2KD = os.path.join(os.path.dirname(sys.executable), "e2kd")
 FAST_S = 10.0  # "fails fast": the whole command, imports included, in-process
+SECRET = "Pw-s3cret-77"  # in every URI with credentials below: must never be printed
+MAX_OUTPUT = 2000  # characters of stdout + stderr a failing command may print
 
 
 # ------------------------------------ fixtures: two teachers and a cache ---------------------
@@ -57,6 +62,27 @@ def make_assets(root: str) -> dict[str, str]:
                      test_accuracy=0.1)
     out["cache-a"] = os.path.join(root, "cache-a")
     build_cache_local(out["teacher-a"], DataConfig(name="digits", shots=3), "gradcam", out["cache-a"])
+    # A teacher whose model card is not JSON, and one whose card is JSON but not a card.
+    for name, card in (("teacher-badcard", "{not json"), ("teacher-emptycard", "{}")):
+        out[name] = os.path.join(root, name)
+        shutil.copytree(out["teacher-a"], out[name])
+        with open(os.path.join(out[name], "teacher.json"), "w") as f:
+            f.write(card)
+    out["file"] = os.path.join(root, "a-file.txt")
+    with open(out["file"], "w") as f:
+        f.write("not a folder\n")
+    out["bad-safetensors"] = os.path.join(root, "weights.safetensors")
+    with open(out["bad-safetensors"], "wb") as f:
+        f.write(b"\x00" * 64)
+    out["raw-weights"] = os.path.join(root, "raw.pt")
+    torch.save(build_model("small_cnn", 10).state_dict(), out["raw-weights"])
+    out["empty-dir"] = os.path.join(root, "empty-dir")
+    os.makedirs(out["empty-dir"])
+    # An MLflow store with one experiment and no sweep (for `e2kd report`).
+    from mlflow import MlflowClient
+
+    out["store"] = os.path.join(root, "mlflow.db")
+    MlflowClient(f"sqlite:///{out['store']}").create_experiment("bad", artifact_location=f"file://{root}/art")
     return out
 
 
@@ -85,10 +111,15 @@ class Case:
     what: str  # what the user did, for the doc
     mutate: Callable[[dict, dict], Any] | None = None  # (spec dict, assets) -> None
     text: str | None = None  # the spec file verbatim (instead of a mutated quickstart)
-    argv: tuple[str, ...] = ()  # extra arguments after `e2kd sweep SPEC`
+    argv: tuple[str, ...] = ()  # extra arguments after the command ({work}, {assets[x]}, {SECRET} filled in)
     expect: tuple[str, ...] = ()  # substrings the message must hold (the field or path)
-    stage: str = "spec"  # spec (load_spec) | preflight | teacher (before Ray in any case)
+    stage: str = "spec"  # spec (load_spec) | args | preflight | teacher (before Ray in any case)
     needs_no_gpu: bool = False
+    cmd: tuple[str, ...] = ("sweep", "{spec}")  # the command before argv
+
+
+def fill(arg: str, work: str, assets: dict[str, str]) -> str:
+    return arg.format(work=work, assets=assets, spec=os.path.join(work, "spec.yaml"), SECRET=SECRET)
 
 
 def _set(path: str, value):
@@ -189,6 +220,193 @@ CASES = [
     Case("teacher-other-architecture", "`teacher.arch: tiny_cnn` but `teacher.path` holds a small_cnn teacher",
          lambda d, a: d["teacher"].update(path=a["teacher-a"], arch="tiny_cnn"),
          expect=("teacher.arch", "tiny_cnn", "small_cnn", "teacher-a"), stage="teacher"),
+] + [
+    # ---- secrets: a URI's password never appears, whatever fails
+    Case("secret-report-unreachable", "`e2kd report` at a tracking server with a password in its URI, not running",
+         cmd=("report", "bad"), argv=("--tracking-uri", "http://alice:{SECRET}@127.0.0.1:9"),
+         expect=("alice:***@127.0.0.1:9", "unreachable"), stage="args"),
+    Case("secret-ui-unreachable", "`e2kd ui` at a tracking server with a password in its URI, not running",
+         cmd=("ui",), argv=("--tracking-uri", "http://alice:{SECRET}@127.0.0.1:9"),
+         expect=("alice:***@127.0.0.1:9", "unreachable"), stage="args"),
+    Case("secret-spec-tracking-uri", "`mlflow.tracking_uri` with a password, server not running",
+         _set("mlflow.tracking_uri", f"http://alice:{SECRET}@127.0.0.1:9"), expect=("alice:***@", "unreachable"),
+         stage="preflight"),
+    Case("secret-set-tracking-uri", "`--set mlflow.tracking_uri=http://alice:PASSWORD@…` (server not running)",
+         argv=("--set", "mlflow.tracking_uri=http://alice:{SECRET}@127.0.0.1:9"), expect=("alice:***@", "unreachable"),
+         stage="preflight"),
+    Case("secret-storage-scheme", "`storage: ftp://user:PASSWORD@host/runs` (a scheme pyarrow does not read)",
+         _set("storage", f"ftp://bob:{SECRET}@files.example/runs"), expect=("storage", "bob:***@", "ftp"),
+         stage="preflight"),
+    Case("secret-data-root-uri", "`data.root: s3://KEY:SECRET@bucket/data` (datasets are read as files)",
+         _set("data.root", f"s3://AKIAEXAMPLE:{SECRET}@bucket/data"), expect=("data.root", "AKIAEXAMPLE:***@"),
+         stage="preflight"),
+    Case("secret-student-weights-uri", "`student_weights: s3://KEY:SECRET@bucket/w.pt`",
+         _set("student_weights", f"s3://AKIAEXAMPLE:{SECRET}@bucket/w.pt"),
+         expect=("student_weights", "AKIAEXAMPLE:***@"), stage="preflight"),
+    Case("secret-address", "`--address ray://user:PASSWORD@host:10001`",
+         argv=("--address", "ray://carol:{SECRET}@127.0.0.1:10001"), expect=("--address", "carol:***@", "credentials"),
+         stage="preflight"),
+    Case("secret-bad-tracking-port", "`--tracking-uri http://alice:PASSWORD@host:99999` (no such port)",
+         argv=("--tracking-uri", "http://alice:{SECRET}@127.0.0.1:99999"), expect=("alice:***@", "not a valid"),
+         stage="preflight"),
+    # ---- unbounded input: the loader refuses it, messages stay short
+    Case("billion-laughs", "a 1 KB spec whose aliases expand to 10⁹ values",
+         text="name: bad\n" + "".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}" if i else '"lol"'] * 10) + "]\n"
+                                      for i in range(9)), expect=("not valid YAML", "aliases")),
+    Case("deep-nesting", "a value nested 30 levels deep", text="name: bad\nloss: " + "{a: " * 30 + "1" + "}" * 30 + "\n",
+         expect=("not valid YAML", "deeper")),
+    Case("huge-spec", "a 2 MB spec file", text="name: bad\n# " + "x" * (2 << 20) + "\n", expect=("bytes", "spec")),
+    Case("huge-value", "`name:` holding 200 000 characters", _set("name", "n" * 200_000), expect=("name", "...")),
+    Case("huge-key", "an unknown top-level key of 100 000 characters", _set("k" * 100_000, 1),
+         expect=("unknown field",)),
+    Case("huge-override", "`--set loss.lam=[1, 1, …]` with 50 000 items", argv=("--set", "loss.lam=[" + "1," * 50_000 + "1]"),
+         expect=("--set", "characters, more than the 10000")),
+    Case("not-utf8", "the spec file is not UTF-8 text", text="name: bad\nloss: {lam: \udcff}\n",
+         expect=("cannot read the spec",)),
+    Case("spec-is-a-directory", "the spec path is a directory", cmd=("sweep", "{work}"), expect=("is a directory",),
+         stage="args"),
+    # ---- duplicate keys: an error, never "the later one wins"
+    Case("duplicate-key", "`loss: {lam: 1.0, lam: 0.0}` (the later key would silently make it KD)",
+         text="name: bad\nloss: {lam: 1.0, lam: 0.0}\n", expect=("duplicate key", "lam")),
+    Case("duplicate-top-level-key", "`epochs:` twice", text="name: bad\nepochs: 3\nepochs: 30\n",
+         expect=("duplicate key", "epochs", "line 2")),
+    Case("duplicate-key-in-override", "`--set 'loss={lam: 1, lam: 0}'`", argv=("--set", "loss={{lam: 1, lam: 0}}"),
+         expect=("--set", "duplicate key")),
+    # ---- values checked before Ray starts
+    Case("student-weights-missing", "`student_weights:` a file that does not exist",
+         _set("student_weights", "/nonexistent/e2kd/student.pt"), expect=("student_weights", "does not exist"),
+         stage="preflight"),
+    Case("student-weights-directory", "`student_weights:` a directory",
+         lambda d, a: d.update(student_weights=a["empty-dir"]), expect=("student_weights", "directory"),
+         stage="preflight"),
+    Case("sqlite-store-is-directory", "`mlflow.tracking_uri: sqlite:///<a directory>`",
+         lambda d, a: d["mlflow"].update(tracking_uri=f"sqlite:///{a['empty-dir']}"),
+         expect=("tracking URI", "is a directory"), stage="preflight"),
+    Case("sqlite-store-folder-missing", "`mlflow.tracking_uri: sqlite:////nonexistent/dir/mlflow.db`",
+         _set("mlflow.tracking_uri", "sqlite:////nonexistent/e2kd/mlflow.db"), expect=("tracking URI", "does not exist"),
+         stage="preflight"),
+    Case("storage-is-a-file", "`storage:` an existing file", lambda d, a: d.update(storage=a["file"]),
+         expect=("storage", "is a file"), stage="preflight"),
+    Case("storage-under-a-file", "`storage:` a folder below an existing file",
+         lambda d, a: d.update(storage=os.path.join(a["file"], "runs")), expect=("storage", "is a file"),
+         stage="preflight"),
+    Case("storage-not-writable", "`storage:` where no folder can be made (`/proc/…`; a read-only mount or a folder "
+         "without write permission fails the same way)", _set("storage", "/proc/e2kd-runs"),
+         expect=("storage", "cannot be written"), stage="preflight"),
+    Case("data-root-is-a-file", "`data.root:` an existing file",
+         lambda d, a: d["data"].update(name="imagefolder", root=a["file"], image_size=64),
+         expect=("data.root", "is a file"), stage="preflight"),
+    Case("teacher-path-is-a-file", "`teacher.path:` a file that is not a teacher.pt",
+         lambda d, a: d["teacher"].update(path=a["file"]), expect=("teacher.path", "is a file"), stage="preflight"),
+    Case("cache-dir-is-a-file", "`teacher.mode: cached` with `teacher.cache_dir:` an existing file",
+         lambda d, a: d["teacher"].update(path=a["teacher-a"], mode="cached", cache_dir=a["file"]),
+         expect=("teacher.cache_dir", "is a file"), stage="preflight"),
+    Case("explain-samples-zero", "`explain_samples: 0` (the grid would be empty)", _set("explain_samples", 0),
+         expect=("explain_samples", "[1, 64]")),
+    Case("explain-samples-huge", "`explain_samples: 100000`", _set("explain_samples", 100_000),
+         expect=("explain_samples", "[1, 64]")),
+    Case("seed-negative", "`seed: -1`", _set("seed", -1), expect=("seed", "2**32")),
+    Case("seed-too-large", "`--set seed=2**40`", argv=("--set", "seed=1099511627776"), expect=("seed", "2**32")),
+    Case("data-seed-negative", "`data.seed: -1`", _set("data.seed", -1), expect=("data.seed", "2**32")),
+    Case("teacher-training-seed", "`teacher_training.seed: -1`", _set("teacher_training.seed", -1),
+         expect=("teacher_training.seed", "2**32")),
+    Case("int-bounds-not-integers", "`epochs: {type: int, low: 1.5, high: 4}` in the search space",
+         lambda d, a: d["search"]["space"].update({"epochs": {"type": "int", "low": 1.5, "high": 4}}),
+         expect=("search.space.epochs", "integer")),
+    Case("log-int-from-zero", "`batch_size: {type: int, low: 0, high: 64, log: true}`",
+         lambda d, a: d["search"]["space"].update({"batch_size": {"type": "int", "low": 0, "high": 64, "log": True}}),
+         expect=("search.space.batch_size", "low > 0")),
+    Case("metric-name-mistyped", "`search.metric: val_agrement` (the split is right, the name is not)",
+         _set("search.metric", "val_agrement"), expect=("search.metric", "val_agrement", "val_agreement")),
+    Case("metric-of-another-dataset", "`search.metric: val_worst_group_acc` on digits (decoy-digits has groups)",
+         _set("search.metric", "val_worst_group_acc"), expect=("search.metric", "not reported")),
+    Case("image-size-huge", "`data.image_size: 100000`", _set("data.image_size", 100_000),
+         expect=("data.image_size", "1024")),
+    Case("epochs-huge", "`epochs: 10000000`", _set("epochs", 10_000_000), expect=("epochs", "<= 100000")),
+    Case("batch-size-huge", "`batch_size: 10000000`", _set("batch_size", 10_000_000), expect=("batch_size", "<=")),
+    # ---- the Ray address: checked in seconds, named
+    Case("address-unreachable", "`--address 127.0.0.1:9` (no Ray there)", argv=("--address", "127.0.0.1:9"),
+         expect=("--address 127.0.0.1:9", "no Ray cluster answers"), stage="preflight"),
+    Case("address-bad-port", "`--address 127.0.0.1:99999`", argv=("--address", "127.0.0.1:99999"),
+         expect=("--address", "1-65535"), stage="preflight"),
+    Case("address-is-dashboard", "`--address http://127.0.0.1:8265` (the dashboard, not the GCS)",
+         argv=("--address", "http://127.0.0.1:8265"), expect=("--address", "dashboard"), stage="preflight"),
+    Case("train-address-unreachable", "`e2kd train --address 127.0.0.1:9`", cmd=("train", "{spec}"),
+         argv=("--address", "127.0.0.1:9"), expect=("--address", "no Ray cluster answers"), stage="preflight"),
+    Case("capacity-address-unreachable", "`e2kd capacity --address 127.0.0.1:9`", cmd=("capacity",),
+         argv=("--address", "127.0.0.1:9"), expect=("--address", "no Ray cluster answers"), stage="args"),
+    # ---- e2kd compare
+    Case("compare-negative-lambda", "`e2kd compare --lam 0 -1`", cmd=("compare", "{spec}"), argv=("--lam", "0", "-1"),
+         expect=("--lam", "-1"), stage="args"),
+    Case("compare-nan-lambda", "`e2kd compare --lam nan`", cmd=("compare", "{spec}"), argv=("--lam", "nan"),
+         expect=("--lam", "nan"), stage="args"),
+    Case("compare-negative-seed", "`e2kd compare --seeds -1`", cmd=("compare", "{spec}"), argv=("--seeds", "-1"),
+         expect=("--seeds", "-1"), stage="args"),
+    Case("compare-repeated-seed", "`e2kd compare --seeds 0 0`", cmd=("compare", "{spec}"), argv=("--seeds", "0", "0"),
+         expect=("--seeds", "once"), stage="args"),
+    Case("compare-bad-name", "`e2kd compare --name \"it's\"`", cmd=("compare", "{spec}"), argv=("--name", "it's"),
+         expect=("name", "it's"), stage="args"),
+    Case("compare-not-a-number", "`e2kd compare --lam one`", cmd=("compare", "{spec}"), argv=("--lam", "one"),
+         expect=("--lam", "invalid float value"), stage="args"),
+    # ---- e2kd teacher / cache
+    Case("teacher-no-recipe-mistyped-path", "`e2kd teacher`: no `teacher_training` section, `teacher.path` mistyped",
+         lambda d, a: d.pop("teacher_training"), cmd=("teacher", "{spec}"),
+         expect=("teacher.path", "no teacher_training section"), stage="teacher"),
+    Case("weights-replace-without-force", "`e2kd teacher --weights raw.pt` over an existing teacher, no `--force`",
+         lambda d, a: d["teacher"].update(path=a["teacher-a"]), cmd=("teacher", "{spec}"),
+         argv=("--weights", "{assets[raw-weights]}"), expect=("teacher.path", "already holds a teacher", "--force"),
+         stage="teacher"),
+    Case("weights-missing", "`e2kd teacher --weights` a file that does not exist", cmd=("teacher", "{spec}"),
+         argv=("--weights", "/nonexistent/e2kd/resnet34.pth"), expect=("--weights", "does not exist"), stage="teacher"),
+    Case("weights-safetensors-unreadable", "`e2kd teacher --weights x.safetensors` (not readable here)",
+         cmd=("teacher", "{spec}"), argv=("--weights", "{assets[bad-safetensors]}"),
+         expect=("weights.safetensors",), stage="teacher"),
+    Case("teacher-card-not-json", "`teacher.path:` a teacher whose model card is not JSON",
+         lambda d, a: d["teacher"].update(path=a["teacher-badcard"]), expect=("teacher.path", "teacher.json"),
+         stage="teacher"),
+    Case("teacher-card-not-a-card", "`teacher.path:` a teacher whose model card is `{}`",
+         lambda d, a: d["teacher"].update(path=a["teacher-emptycard"]), expect=("teacher.path", "model card"),
+         stage="teacher"),
+    Case("cache-no-preflight-data", "`e2kd cache` with `data.shots: 500` (checked before Ray starts, like sweep)",
+         lambda d, a: (d["teacher"].update(path=a["teacher-a"], mode="cached", cache_dir="{work}/cache"),
+                       d["data"].update(shots=500)), cmd=("cache", "{spec}"), expect=("data.shots=500",),
+         stage="preflight"),
+    Case("cache-no-teacher-no-recipe", "`e2kd cache` without a teacher and without `teacher_training`",
+         lambda d, a: (d.pop("teacher_training"), d["teacher"].update(mode="cached", cache_dir="/nonexistent/e2kd/c")),
+         cmd=("cache", "{spec}"), expect=("teacher.path", "no teacher_training"), stage="preflight"),
+    Case("cache-address-unreachable", "`e2kd cache --address 127.0.0.1:9`",
+         lambda d, a: d["teacher"].update(path=a["teacher-a"], mode="cached", cache_dir="/nonexistent/e2kd/c"),
+         cmd=("cache", "{spec}"), argv=("--address", "127.0.0.1:9"), expect=("--address", "no Ray cluster answers"),
+         stage="preflight"),
+    # ---- read-only commands: report and ui
+    Case("report-no-store", "`e2kd report` where there is no MLflow store (none is created)", cmd=("report", "bad"),
+         argv=("--tracking-uri", "sqlite:///{work}/mlflow.db"), expect=("no MLflow store", "mlflow.db"), stage="args"),
+    Case("ui-no-store", "`e2kd ui` where there is no MLflow store (none is created)", cmd=("ui",),
+         argv=("--tracking-uri", "sqlite:///{work}/mlflow.db"), expect=("no MLflow store",), stage="args"),
+    Case("report-quote-in-sweep", "`e2kd report --sweep \"it's\"` (a quote in the filter value)", cmd=("report", "bad"),
+         argv=("--sweep", "it's", "--tracking-uri", "sqlite:///{assets[store]}"), expect=("no sweep", "it's"),
+         stage="args"),
+    Case("report-both-quotes", "`e2kd report --sweep 'a\"b'\\''c'` (both quotes: cannot be searched)",
+         cmd=("report", "bad"), argv=("--sweep", "a\"b'c", "--tracking-uri", "sqlite:///{assets[store]}"),
+         expect=("cannot be searched",), stage="args"),
+    Case("report-unknown-experiment", "`e2kd report nope`", cmd=("report", "nope"),
+         argv=("--tracking-uri", "sqlite:///{assets[store]}"), expect=("experiment", "nope", "not found"), stage="args"),
+    Case("report-out-is-a-file", "`e2kd report --out` an existing file", cmd=("report", "bad"),
+         argv=("--tracking-uri", "sqlite:///{assets[store]}", "--out", "{assets[file]}"), expect=("--out", "is a file"),
+         stage="args"),
+    Case("report-file-store", "`e2kd report --tracking-uri ./mlruns`", cmd=("report", "bad"),
+         argv=("--tracking-uri", "./mlruns"), expect=("./mlruns", "file store"), stage="args"),
+    Case("ui-bad-port", "`e2kd ui --port 99999`", cmd=("ui",), argv=("--tracking-uri", "sqlite:///{assets[store]}",
+                                                                   "--port", "99999"), expect=("--port", "99999"),
+         stage="args"),
+    Case("ui-foreign-host", "`e2kd ui --host 203.0.113.7` (not an address of this machine)", cmd=("ui",),
+         argv=("--tracking-uri", "sqlite:///{assets[store]}", "--host", "203.0.113.7"),
+         expect=("--host 203.0.113.7", "cannot listen"), stage="args"),
+    # ---- the command line itself
+    Case("unknown-command", "`e2kd swep` (a typo)", cmd=("swep",), expect=("invalid choice", "swep"), stage="args"),
+    Case("unknown-option", "`e2kd sweep spec.yaml --resmue` (a typo)", argv=("--resmue",),
+         expect=("unrecognized arguments", "--resmue"),
+         stage="args"),
 ]
 
 
@@ -200,8 +418,8 @@ def write_case(case: Case, work: str, assets: dict[str, str]) -> str:
         d = base_spec(work, assets)
         if case.mutate:
             case.mutate(d, assets)
-        text = yaml.safe_dump(d, sort_keys=False)
-    with open(path, "w") as f:
+        text = yaml.safe_dump(d, sort_keys=False, width=1 << 30).replace("{work}", work)
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(text)
     return path
 
@@ -240,16 +458,23 @@ def no_ray_no_training(monkeypatch):
     monkeypatch.setattr(trainables.teacher, "train_teacher", refuse)
 
 
-def run_case(case: Case, work: str, assets: dict[str, str], capsys) -> tuple[int, str, float]:
+def argv_of(case: Case, work: str, assets: dict[str, str]) -> list[str]:
+    return [fill(a, work, assets) for a in (*case.cmd, *case.argv)]
+
+
+def run_case(case: Case, work: str, assets: dict[str, str], capsys) -> tuple[int, str, str, float]:
     from orchestrator.cli import main
 
-    spec = write_case(case, work, assets)
+    write_case(case, work, assets)
     capsys.readouterr()
     t0 = time.monotonic()
-    rc = main(["sweep", spec, *case.argv])
+    try:
+        rc = main(argv_of(case, work, assets))
+    except SystemExit as e:  # argparse: a usage error
+        rc = e.code
     took = time.monotonic() - t0
-    err = capsys.readouterr().err
-    return rc, err[err.find("e2kd: error: "):] if "e2kd: error: " in err else err, took
+    out, err = capsys.readouterr()
+    return rc, out, err, took
 
 
 def doc_messages() -> dict[str, str]:
@@ -272,11 +497,16 @@ def test_bad_input_fails_fast_with_a_clear_message(case, tmp_path, assets, capsy
         pytest.skip("this machine has a GPU")
     work = str(tmp_path)
     before_assets = snapshot(os.path.dirname(assets["teacher-a"]))
-    rc, err, took = run_case(case, work, assets, capsys)
+    before_cwd = sorted(os.listdir("."))
+    rc, out, err, took = run_case(case, work, assets, capsys)
 
     lines = err.strip().splitlines()
     assert rc == 2, err
-    assert lines and lines[0].startswith("e2kd: error: "), err
+    assert len(lines) == 1 and lines[0].startswith("e2kd: error: "), err[:3000]
+    assert out == "", out[:3000]
+    assert len(out) + len(err) <= MAX_OUTPUT, f"{len(out) + len(err)} characters of output"
+    assert SECRET not in out + err
+    assert sorted(os.listdir(".")) == before_cwd  # no mlflow.db, reports/ or runs/ in the working directory
     msg = err.strip()
     for s in case.expect:
         assert s in msg, f"{s!r} not in {msg!r}"
@@ -288,6 +518,8 @@ def test_bad_input_fails_fast_with_a_clear_message(case, tmp_path, assets, capsy
     assert sorted(os.listdir(work)) == ["spec.yaml"]
     assert snapshot(os.path.dirname(assets["teacher-a"])) == before_assets
     # The doc shows exactly this message.
+    if os.environ.get("E2KD_SKIP_DOC_CHECK") == "1":  # while changing messages, before --write-doc
+        return
     documented = doc_messages()
     assert case.id in documented, f"docs/bad-input.md lacks {case.id}: run `python tests/test_bad_input.py --write-doc`"
     assert documented[case.id] == normalise(msg.replace("\n", " "), work, assets), (
@@ -443,54 +675,111 @@ def test_fuzzed_overrides_load_or_raise_spec_error(overrides):
 # ------------------------------------ the doc --------------------------------------------------
 
 
+def shown(arg: str) -> str:
+    """One argument as the doc shows it: long ones cut, quoted when needed."""
+    import shlex
+
+    arg = arg if len(arg) <= 60 else arg[:40] + "…" + f"({len(arg)} characters)"
+    return shlex.quote(arg)
+
+
 def code(text: str) -> str:
     """A Markdown code span that may itself hold backticks."""
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
-def write_doc() -> None:
-    """Run every case through the real `e2kd` executable (a subprocess each) and write the doc."""
+def write_doc(subprocesses: bool = False) -> None:
+    """Run every case through the command line and write the doc: in this process
+    (``orchestrator.cli.main``, the function the ``e2kd`` executable calls; Ray and teacher
+    training refused as in the test), or with ``subprocesses`` one ``python -m orchestrator.cli``
+    process per case (slow on a loaded machine: each imports torch, Ray and MLflow)."""
+    import contextlib
+    import io
     from concurrent.futures import ThreadPoolExecutor
 
     with tempfile.TemporaryDirectory(prefix="e2kd-bad-") as tmp:
         assets = make_assets(os.path.join(tmp, "assets"))
 
-        def one(case: Case) -> str:
-            work = os.path.join(tmp, case.id)
-            os.makedirs(work)
-            spec = write_case(case, work, assets)
-            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-            p = subprocess.run([E2KD, "sweep", spec, *case.argv], capture_output=True, text=True, env=env, timeout=300)
-            lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+        def row(case: Case, work: str, rc: int, out: str, err: str) -> str:
+            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
             start = next(i for i, ln in enumerate(lines) if ln.startswith("e2kd: error: "))
             msg = normalise(" ".join(lines[start:]), work, assets)
-            assert p.returncode == 2, (case.id, p.returncode, p.stderr[-2000:])
-            cmd = "e2kd sweep spec.yaml" + "".join(f" {a}" for a in case.argv)
+            assert rc == 2 and len(lines) == 1 and not out, (case.id, rc, out[-500:], err[-2000:])
+            assert SECRET not in out + err, case.id
+            args = [normalise(a.replace(os.path.join(work, "spec.yaml"), "spec.yaml").replace(SECRET, "PASSWORD"),
+                              work, assets) for a in argv_of(case, work, assets)]
+            cmd = "e2kd " + " ".join(shown(a) for a in args)
             print(case.id, msg[:120], flush=True)
-            return f"| `{case.id}` | {case.what} | `{cmd}` | {case.stage} | {code(msg.replace('|', chr(92) + '|'))} |"
+            return f"| `{case.id}` | {case.what} | {code(cmd)} | {case.stage} | {code(msg.replace('|', chr(92) + '|'))} |"
 
-        with ThreadPoolExecutor(3) as pool:
-            rows = list(pool.map(one, CASES))
+        def one_subprocess(case: Case) -> str:
+            work = os.path.join(tmp, case.id)
+            os.makedirs(work)
+            write_case(case, work, assets)
+            env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": ROOT}
+            p = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv_of(case, work, assets)],
+                               capture_output=True, text=True, env=env, timeout=300, cwd=work)
+            return row(case, work, p.returncode, p.stdout, p.stderr)
+
+        def one_in_process(case: Case) -> str:
+            import orchestrator.sweep
+            import trainables.teacher
+            from orchestrator.cli import main
+
+            def refuse(*a, **k):
+                raise AssertionError("the command got past its checks (it would start Ray / train a teacher)")
+
+            orchestrator.sweep.init_ray = orchestrator.sweep.run_sweep = trainables.teacher.train_teacher = refuse
+            work = os.path.join(tmp, case.id)
+            os.makedirs(work)
+            write_case(case, work, assets)
+            out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+            os.chdir(work)
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    try:
+                        rc = main(argv_of(case, work, assets))
+                    except SystemExit as e:
+                        rc = e.code
+            finally:
+                os.chdir(cwd)
+            return row(case, work, rc, out.getvalue(), err.getvalue())
+
+        if subprocesses:
+            with ThreadPoolExecutor(4) as pool:
+                rows = list(pool.map(one_subprocess, CASES))
+        else:
+            rows = [one_in_process(c) for c in CASES]
     with open(DOC, "w") as f:
         f.write(DOC_HEAD + "\n".join(rows) + "\n" + DOC_TAIL)
 
 
 DOC_HEAD = """# Bad input: what the user sees
 
-Every row was produced by running the real `e2kd` executable (`e2kd sweep spec.yaml ...` in a
-subprocess, exit code 2) on the quickstart spec with one thing wrong. Machine-specific paths are
-shown as `<work>` (the directory holding `spec.yaml`) and `<assets>` (where the test teachers and
-cache live), and sha256 digests as `<sha256>`. `tests/test_bad_input.py` runs every case again and
-fails when a message differs from this table; regenerate it with
-`.venv/bin/python tests/test_bad_input.py --write-doc`.
+Every row was produced by running the command line (`orchestrator.cli.main`, the function the
+`e2kd` executable calls, with the case's directory as the working directory; `--write-doc
+--subprocesses` runs a `python -m orchestrator.cli` process per case instead) on the quickstart
+spec with one thing wrong (or on the command's arguments); every case ends with exit code 2 and exactly one line on stderr. Machine-
+specific paths are shown as `<work>` (the directory holding `spec.yaml`, also the working
+directory) and `<assets>` (where the test teachers, cache and MLflow store live), and sha256
+digests as `<sha256>`. `PASSWORD` in a case stands for a secret in a URI: it is never printed, the
+message shows `user:***@`. `tests/test_bad_input.py` runs every case again and fails when a
+message differs from this table; regenerate it with
+`PYTHONPATH=. .venv/bin/python tests/test_bad_input.py --write-doc`.
 
 *Stage* is where the problem is caught, always before Ray starts and before anything is written:
-`spec` = while loading the YAML (`load_spec`: the message starts with the spec file), `preflight` =
-`orchestrator.cli.preflight` (data, GPUs and CPUs of a local instance, teacher cache, tracking
-server), `teacher` = the teacher check right after it. The test asserts that each case returns
-within 10 s in-process, that Ray was never initialised and that nothing was written (no teacher,
-cache, MLflow store or Tune directory); as a subprocess the time is Python's imports (torch, Ray,
-MLflow), a few seconds on an idle laptop.
+`spec` = while loading the YAML (`load_spec`: the message starts with the spec file; duplicate
+keys, more than 1 MiB, nesting deeper than 20 or more than 20 000 values after alias expansion
+are refused there), `args` = the command's own arguments and stores (`report`, `ui`,
+`capacity`, `compare --seeds/--lam`, argparse), `preflight` = `orchestrator.cli.preflight` (every
+path and URI of the spec, data, GPUs and CPUs of a local instance, teacher cache, the Ray
+address, the tracking store or server), `teacher` = the teacher checks right after it. The test
+asserts for each case: exit code 2, one line on stderr and nothing on stdout, at most 2 000
+characters, no secret, within 10 s in-process, Ray never initialised and nothing written (no
+teacher, cache, MLflow store or Tune directory, nothing new in the working directory); as a
+subprocess the time is Python's imports (torch, Ray, MLflow), a few seconds on an idle laptop.
+An error nobody anticipated takes the same path (one masked line of at most 1 000 characters,
+exit code 1); `e2kd --debug …` (or `E2KD_DEBUG=1`) prints the masked traceback first.
 
 | case | what is wrong | command | stage | message |
 |---|---|---|---|---|
@@ -511,7 +800,7 @@ These cannot be caught before Ray starts; `tests/test_faults.py` checks each.
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--write-doc"]:
-        write_doc()
+    if sys.argv[1:2] == ["--write-doc"] and sys.argv[2:] in ([], ["--subprocesses"]):
+        write_doc(subprocesses=sys.argv[2:] == ["--subprocesses"])
     else:
-        sys.exit("usage: tests/test_bad_input.py --write-doc")
+        sys.exit("usage: tests/test_bad_input.py --write-doc [--subprocesses]")

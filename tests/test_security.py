@@ -48,10 +48,14 @@ class Payload:
 # ------------------------------------ network bindings ---------------------------------------
 
 
-def test_mlflow_ui_binds_loopback_by_default(monkeypatch, capsys):
-    from orchestrator import cli
+def test_mlflow_ui_binds_loopback_by_default(monkeypatch, capsys, tmp_path):
+    from orchestrator import cli, tracking
 
     commands = []
+    monkeypatch.chdir(tmp_path)
+    open("mlflow.db", "w").close()  # `ui` opens an existing store only
+    monkeypatch.setattr(tracking, "check_reachable", lambda uri: None)  # no server at 5001
+    monkeypatch.setattr(cli, "check_port_free", lambda host, port: None)  # 5000 may be taken on this machine
 
     class FakePopen:  # no server: only the command line it would run
         def __init__(self, cmd, *a, **k):

@@ -111,6 +111,9 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+MAX_EXPLAIN_SAMPLES = 64  # images in the explanation grid PNG
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     student: str = "small_cnn"
@@ -147,6 +150,16 @@ class TrainConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f} must be an integer >= 1, got {v!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:  # numpy/torch seed range
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not _is_int(self.explain_samples) or not 1 <= self.explain_samples <= MAX_EXPLAIN_SAMPLES:
+            raise ValueError(f"explain_samples must be an integer in [1, {MAX_EXPLAIN_SAMPLES}], "
+                             f"got {self.explain_samples!r}")
+        for f, most in (("epochs", 100_000), ("batch_size", 1 << 16)):
+            if getattr(self, f) > most:
+                raise ValueError(f"{f} must be <= {most}, got {getattr(self, f)!r}")
+        if self.student_weights is not None and (not isinstance(self.student_weights, str) or not self.student_weights):
+            raise ValueError(f"student_weights must be a path (or null), got {self.student_weights!r}")
         if not _is_int(self.explain_every) or self.explain_every < 0:
             raise ValueError(f"explain_every must be an integer >= 0, got {self.explain_every!r}")
         if self.checkpoint_every != "auto" and (not _is_int(self.checkpoint_every) or self.checkpoint_every < 1):

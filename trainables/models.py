@@ -310,9 +310,15 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(f"weights file {path}: reading .safetensors needs the safetensors package "
+                             "(pip install 'e2kd[safetensors]'), or convert it to a torch .pt file") from None
+        try:
+            return load_file(path)
+        except Exception as e:  # a truncated or foreign file
+            raise ValueError(f"cannot read weights file {path}: {e}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated/corrupt file or a pickle that is not plain tensors

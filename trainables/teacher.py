@@ -213,7 +213,11 @@ def read_card(path: str | os.PathLike) -> ModelCard:
         text = storage.read_bytes(card_path)
     except FileNotFoundError:
         raise FileNotFoundError(f"teacher model card not found: {card_path}") from None
-    return ModelCard.from_dict(json.loads(text))
+    try:
+        return ModelCard.from_dict(json.loads(text))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # not JSON, or not a card
+        raise ValueError(f"teacher model card {card_path} is not a valid card ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
 
 
 def load_teacher(path: str | os.PathLike) -> tuple[Classifier, ModelCard]:

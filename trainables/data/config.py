@@ -41,14 +41,14 @@ class DataConfig:
                 object.__setattr__(self, "root", os.fspath(self.root))
             if not isinstance(self.root, str) or not self.root:
                 raise bad("root", "must be a path string or None")
-        if not _is_int(self.image_size) or self.image_size < 8:
-            raise bad("image_size", "must be an integer >= 8")
+        if not _is_int(self.image_size) or not 8 <= self.image_size <= 1024:
+            raise bad("image_size", "must be an integer in [8, 1024]")
         if self.shots is not None and (not _is_int(self.shots) or self.shots < 1):
             raise bad("shots", "must be None or an integer >= 1")
         if not _is_int(self.val_per_class) or self.val_per_class < 0:
             raise bad("val_per_class", "must be an integer >= 0")
-        if not _is_int(self.seed):
-            raise bad("seed", "must be an integer")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise bad("seed", "must be an integer in [0, 2**32)")
         for flag in ("augment", "hflip"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "must be a bool")
