@@ -73,6 +73,12 @@ def _listening(pids: set[int]) -> list[tuple[int, str, int]]:
     return out
 
 
+# Ray 2.60 moves a loopback node IP to the machine's reachable address on purpose
+# (ray._private.services.resolve_ip_for_localhost: "Make sure localhost isn't resolved to the
+# loopback ip"), so GCS, raylet and object manager of a local instance listen on it. Mitigation
+# until that changes: token authentication (on by default for local instances) guards the gRPC
+# services; the dashboard is on 127.0.0.1. Strict: this fails as soon as Ray does bind to loopback.
+@pytest.mark.xfail(strict=True, reason="Ray 2.60 replaces a 127.0.0.1 node IP with the reachable address")
 def test_local_ray_instance_listens_on_loopback_only(monkeypatch):
     import ray
 
