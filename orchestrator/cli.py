@@ -699,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.excepthook = lambda a: _masked_excepthook(a.exc_type, a.exc_value, a.exc_traceback)
     try:
         # --debug anywhere on the line (e2kd sweep SPEC --debug), not only before the command
-        args = build_parser().parse_args([a for a in argv if a != "--debug"] + (["--debug"] if debug else []))
+        args = build_parser().parse_args((["--debug"] if debug else []) + [a for a in argv if a != "--debug"])
         return args.fn(args)
     except SystemExit:
         raise
