@@ -283,8 +283,10 @@ def test_local_provider(no_network):
     assert node_type["min_workers"] == node_type["max_workers"] == n
     # The local provider ignores node-type resources: the driver resource must be
     # declared on the head's `ray start`.
-    head_start = " ".join(raw["head_start_ray_commands"])
-    assert "TRAIN_DRIVER_RESOURCE" in head_start
+    # ...on that command itself (it once trailed the next command's `|| echo`, where it was text).
+    (start,) = [c for c in raw["head_start_ray_commands"] if "ray start --head" in c]
+    assert "--resources='{\"TRAIN_DRIVER_RESOURCE\": 8}'" in start and "--num-gpus=0" in start
+    assert not any("TRAIN_DRIVER_RESOURCE" in c for c in raw["head_start_ray_commands"] if c is not start)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
