@@ -220,6 +220,8 @@ def test_a_spec_without_crop_scale_gets_its_datasets_preset():
     def scale(name: str) -> tuple[float, float]:
         d = spec_dict()
         d["data"] = {"name": name, "root": "/nonexistent", "image_size": 224}
+        if name == "voc":  # multi-label: no agreement metric
+            d["search"]["metric"] = "val_f1"
         return spec_from_dict(d).train.data.crop_scale
 
     assert scale("imagefolder") == (0.08, 1.0) and scale("voc") == (0.08, 1.0) and scale("waterbirds") == (0.7, 1.0)
