@@ -588,11 +588,10 @@ def init_ray(address: str | None, num_cpus: int | None, log=print) -> bool:
         ray.init(address=address, log_to_driver=True)
         log(f"[e2kd] connected to Ray at {tracking.mask_uri(address)}: {ray.cluster_resources()}")
     else:
-        # Loopback only: the dashboard, and with the node's IP 127.0.0.1 also the metrics export
-        # (Ray binds it to localhost when the node IP is) and what the GCS / raylet advertise.
-        # Token auth (Ray's default for local clusters since 2.59) stays on.
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 log_to_driver=True)
+        # The dashboard on loopback; token auth (Ray's default for local clusters since 2.59) stays
+        # on. The GCS and raylet cannot be moved to loopback: Ray 2.60 replaces a 127.0.0.1 node IP
+        # with the reachable address (services.resolve_ip_for_localhost; tests/test_network_binding.py).
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
         log(f"[e2kd] started a local Ray instance: {ray.cluster_resources().get('CPU', 0):g} logical CPUs")
     return True
 
