@@ -72,7 +72,7 @@ def study_of(exp_dir: str):
         return pickle.load(f)["_ot_study"]
 
 
-E = 10  # epochs of the worker-kill trial
+E = 10  # epochs of the worker-kill and node-loss trials (one step each): the watcher needs a window
 
 
 def actors(class_name: str, state: str | None = None):
@@ -581,7 +581,7 @@ def test_node_removed_mid_trial_sweep_completes(tmp_path, teacher_dir, monkeypat
         nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
-        spec = spec_from_dict(tiny_spec(tmp_path, teacher_dir, "f-node", epochs=4, num_cpus=None,
+        spec = spec_from_dict(tiny_spec(tmp_path, teacher_dir, "f-node", epochs=E, num_cpus=None,
                                         driver_resource="e2kd_driver"))
 
         def remove_the_workers_node(info):
@@ -593,7 +593,7 @@ def test_node_removed_mid_trial_sweep_completes(tmp_path, teacher_dir, monkeypat
         grid, info = sweep_with_fault(spec, remove_the_workers_node)
         assert "node_id" in info, f"no node was removed mid-trial: {info}"
         assert len(grid) == 1 and not grid.errors, grid.errors
-        assert grid[0].metrics["epoch"] == 4
+        assert grid[0].metrics["epoch"] == E
         # The GCS marks a removed node dead after its health checks fail (seconds): the trial,
         # moved to another node, may finish before that.
         deadline = time.monotonic() + 60
@@ -608,7 +608,7 @@ def test_node_removed_mid_trial_sweep_completes(tmp_path, teacher_dir, monkeypat
         assert len(children) == 1 and children[0].info.status == "FINISHED"
         assert "e2kd.restarts" not in children[0].data.tags  # Train moved the worker; the trial driver lived on
         epochs = [int(m.value) for m in client.get_metric_history(children[0].info.run_id, "epoch")]
-        assert epochs.count(1) == 1 and epochs[-1] == 4, epochs
+        assert epochs.count(1) == 1 and epochs[-1] == E, epochs
     finally:
         ray.shutdown()
         cluster.shutdown()
