@@ -255,31 +255,36 @@ def test_waterbirds_groups_and_splits(waterbirds_root):
 # ------------------------------------ VOC ----------------------------------------------------
 
 
-def _voc_xml(objs):
-    parts = ["<annotation><size><width>40</width><height>30</height><depth>3</depth></size>"]
+def _voc_xml(objs, size=(40, 30)):
+    parts = [f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"]
     for name, (x1, y1, x2, y2) in objs:
         parts.append(f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x1}</xmin>"
                      f"<ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
     return "".join(parts) + "</annotation>"
 
 
-@pytest.fixture(scope="module")
-def voc_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("voc")
+def _write_voc(root, ann: dict, splits: dict[str, str], size=(40, 30)) -> None:
+    """A VOC folder: one XML + JPEG (``size``) per image of ``ann``, and the split lists."""
     (root / "Annotations").mkdir()
     (root / "JPEGImages").mkdir()
     (root / "ImageSets" / "Main").mkdir(parents=True)
+    for name, objs in ann.items():
+        (root / "Annotations" / f"{name}.xml").write_text(_voc_xml(objs, size))
+        _img(str(root / "JPEGImages" / f"{name}.jpg"), hash(name) % 1000, size=size)
+    for split, names in splits.items():
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text(names)
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
     ann = {
         "a1": [("dog", (1, 1, 20, 30)), ("person", (21, 5, 40, 25))],
         "a2": [("cat", (5, 5, 15, 15))],
         "a3": [("dog", (10, 10, 30, 20)), ("dog", (2, 2, 8, 8))],
         "b1": [("car", (1, 1, 40, 30))],
     }
-    for name, objs in ann.items():
-        (root / "Annotations" / f"{name}.xml").write_text(_voc_xml(objs))
-        _img(str(root / "JPEGImages" / f"{name}.jpg"), hash(name) % 1000)
-    (root / "ImageSets" / "Main" / "train.txt").write_text("a1\na2\na3\n")
-    (root / "ImageSets" / "Main" / "val.txt").write_text("b1\n")
+    _write_voc(root, ann, {"train": "a1\na2\na3\n", "val": "b1\n"})
     return str(root)
 
 
@@ -417,19 +422,11 @@ def test_training_crops_come_from_the_full_image_not_the_centre_crop(framed_root
 def voc_edges(tmp_path_factory):
     """Boxes in the corners and along the borders of 60x40 images (the centre crop cuts them)."""
     root = tmp_path_factory.mktemp("voc_edges")
-    (root / "Annotations").mkdir()
-    (root / "JPEGImages").mkdir()
-    (root / "ImageSets" / "Main").mkdir(parents=True)
     ann = {
         "e1": [("bird", (1, 1, 4, 4)), ("cat", (57, 37, 60, 40)), ("dog", (1, 30, 60, 40))],
         "e2": [("car", (1, 1, 6, 40)), ("bus", (55, 1, 60, 40))],
     }
-    for name, objs in ann.items():
-        xml = _voc_xml(objs).replace("<width>40</width><height>30</height>", "<width>60</width><height>40</height>")
-        (root / "Annotations" / f"{name}.xml").write_text(xml)
-        _img(str(root / "JPEGImages" / f"{name}.jpg"), hash(name) % 1000, size=(60, 40))
-    (root / "ImageSets" / "Main" / "train.txt").write_text("e1\ne2\n")
-    (root / "ImageSets" / "Main" / "val.txt").write_text("e1\ne2\n")
+    _write_voc(root, ann, {"train": "e1\ne2\n", "val": "e1\ne2\n"}, size=(60, 40))
     return str(root), ann
 
 
