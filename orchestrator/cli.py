@@ -551,6 +551,10 @@ def cmd_capacity(args) -> int:
 def cmd_report(args) -> int:
     from orchestrator import report, tracking
 
+    if args.register is not None:  # before the report prints anything
+        from orchestrator.registry import check_model_name
+
+        check_model_name(args.register)
     # Read-only: never creates a store; the plots' folder must be writable.
     tracking.check_store(tracking.resolve_tracking_uri(args.tracking_uri), write=False)
     if args.out:
@@ -560,6 +564,11 @@ def cmd_report(args) -> int:
     else:
         report.print_report(args.experiment, args.tracking_uri, sweep=args.sweep, out_dir=args.out,
                             allow_unequal=args.allow_unequal)
+    if args.register:
+        from orchestrator import registry
+
+        registry.register_sweep_best(args.experiment, args.tracking_uri, args.sweep, args.register,
+                                     allow_unequal=args.allow_unequal)
     return 0
 
 
@@ -576,6 +585,7 @@ def cmd_ui(args) -> int:
     if art:
         cmd += ["--default-artifact-root", art]
     print(f"[e2kd] MLflow UI at http://{args.host}:{args.port} (store {tracking.mask_uri(uri)}); Ctrl-C to stop")
+    print_experiment_links(uri, f"http://{args.host}:{args.port}")
     proc = subprocess.Popen(cmd)
     try:
         code = proc.wait()
@@ -587,6 +597,20 @@ def cmd_ui(args) -> int:
         raise RuntimeError(f"the MLflow UI server on {args.host}:{args.port} exited with code {code} (its output "
                            "is above)")
     return 0
+
+
+def print_experiment_links(uri: str, base: str) -> None:
+    """The links that open each sweep experiment's runs in model-training mode (MLflow 3.17's UI
+    opens in GenAI mode); a store that cannot be read here is left to the UI to report."""
+    from mlflow import MlflowClient
+
+    from orchestrator import registry
+
+    try:
+        for line in registry.experiment_links(MlflowClient(uri), base):
+            print(line)
+    except Exception:  # noqa: BLE001 - the links are a courtesy; the UI itself still starts
+        pass
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -664,6 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare sweeps (from `e2kd compare`) that differ in one setting: KD vs e²KD against --by")
     sp.add_argument("--by", default="data.shots", help="the setting the --trend sweeps differ in (a run param)")
     sp.add_argument("--metrics", nargs="+", default=["test_acc", "test_agreement"], help="metrics for --trend")
+    sp.add_argument("--register", metavar="NAME",
+                    help="register the best e²KD student in the MLflow Model Registry as a new version of NAME")
     sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     sp.add_argument("--tracking-uri", default="sqlite:///mlflow.db")

@@ -172,7 +172,7 @@ def plots(summary: dict[str, Any], out_dir: str) -> list[str]:
         if kd is not None:
             ax.axhline(kd.data.metrics[metric], color="k", ls="--", label="KD baseline (λ=0)")
         if key == "loss.lam" and pts:
-            ax.set_xscale("log")
+            log_axis_ticks(ax, [x for x, _ in pts])
         ax.set_xlabel(label)
         ax.set_ylabel(metric)
         ax.legend(fontsize=8)
@@ -194,6 +194,27 @@ def plots(summary: dict[str, Any], out_dir: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def log_axis_ticks(ax, values: list[float]) -> None:
+    """A log x axis labelled at a few plain values (1, 2, 5 × 10^k inside the data's range, or
+    only the powers of ten when those are many): matplotlib's own labels on a range under a decade
+    put its minor-tick labels (2×10⁰, 3×10⁰, …) on top of one another."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    lo, hi = min(values), max(values)
+    ax.set_xscale("log")
+    ax.set_xlim(lo / 1.6, hi * 1.6)
+    k0, k1 = math.floor(math.log10(lo / 1.6)), math.ceil(math.log10(hi * 1.6))
+    ticks = [m * 10.0 ** k for k in range(k0, k1 + 1) for m in (1, 2, 5) if lo / 1.6 <= m * 10.0 ** k <= hi * 1.6]
+    if len(ticks) > 7:
+        ticks = [t for t in ticks if math.log10(t).is_integer()]
+    if len(ticks) < 2:
+        ticks = sorted({lo, hi})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def importance(summary: dict[str, Any]) -> dict[str, float]:
@@ -240,6 +261,9 @@ def print_report(experiment: str, tracking_uri: str, sweep: str | None = None, o
     with open(report_path, "w") as f:
         f.write(text + "\n")
     client.log_artifact(parent.info.run_id, report_path, artifact_path="report")
+    from orchestrator.registry import link_line
+
+    print(link_line(uri, parent.info.experiment_id))
     return text
 
 

@@ -203,7 +203,7 @@ def trial_driver(config: dict[str, Any], ctx: DriverContext) -> None:
         params=tracking.trial_params(flatten(cfg)),
         tags={"student": cfg.student, "explainer": cfg.loss.explainer, "teacher": cfg.teacher.arch,
               "method": "kd" if is_baseline else "e2kd", "seed": str(cfg.seed),
-              **({tracking.TAG_KD_ROLE: config.get(ROLE, ROLE_BASELINE)} if is_baseline else {})}),
+              **({tracking.TAG_KD_ROLE: config.get(ROLE, ROLE_BASELINE)} if is_baseline else {})}, data=cfg.data),
         "creating the trial's run", wait)
     client = MlflowClient(ctx.tracking_uri)
     earlier = tracking.retry(lambda: client.get_run(run_id).data.tags.get(TAG_NONFINITE), "reading the trial's run", wait)
@@ -466,6 +466,9 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
     client = MlflowClient(uri)
     exp_id = tracking.ensure_experiment(client, spec.mlflow.experiment,
                                         spec.mlflow.artifact_location or tracking.default_artifact_location(uri))
+    from orchestrator import registry
+
+    log(registry.link_line(uri, exp_id))
     storage = resolve_storage(spec.storage)
     path = experiment_path(spec, storage)
     can_restore = ray.tune.Tuner.can_restore(path)

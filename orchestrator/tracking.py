@@ -37,6 +37,8 @@ import ray.tune
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from trainables.data.config import DataConfig
+
 # MLflow is imported where it is used, not here: each trial's Ray Train controller unpickles the
 # callbacks below before it starts the trial's workers, and importing MLflow there (~1.5 s of CPU,
 # more under load) delayed every trial's start. The controller's sender thread imports it later,
@@ -241,12 +243,20 @@ def tag_equals(key: str, value: str) -> str:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The experiment's id (created or restored), tagged as model development so MLflow's UI opens
+    its runs, not its GenAI traces (a kind the user picked in the UI is kept)."""
+    from orchestrator import registry
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if registry.EXPERIMENT_KIND_TAG not in exp.tags:
+            registry.mark_model_development(client, exp.experiment_id)
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    exp_id = client.create_experiment(name, artifact_location=artifact_location)
+    registry.mark_model_development(client, exp_id)
+    return exp_id
 
 
 def _param_batch(params: dict[str, Any]) -> list[Param]:
@@ -291,7 +301,9 @@ def find_parent(client: MlflowClient, exp_id: str, sweep: str) -> str | None:
 
 def create_parent(client: MlflowClient, exp_id: str, sweep: str, spec_path: str, params: dict[str, Any],
                   tags: dict[str, str] | None = None) -> str:
-    run = client.create_run(exp_id, run_name=f"sweep-{sweep}", tags={**(tags or {}),
+    from orchestrator.registry import source_tags
+
+    run = client.create_run(exp_id, run_name=f"sweep-{sweep}", tags={**source_tags(spec_path), **(tags or {}),
         TAG_SWEEP: sweep, TAG_ROLE: "parent", "mlflow.source.git.commit": git_commit(),
         "mlflow.note.content": f"e²KD sweep from {os.path.basename(spec_path)}", **package_versions()})
     log_params(client, run.info.run_id, params)
@@ -313,9 +325,10 @@ def find_child(client: MlflowClient, exp_id: str, parent_id: str, trial_id: str)
 
 
 def get_or_create_child(uri: str, exp_id: str, parent_id: str, sweep: str, trial_id: str,
-                        params: dict[str, Any], tags: dict[str, str]) -> str:
+                        params: dict[str, Any], tags: dict[str, str], data: DataConfig | None = None) -> str:
     """The one child run of ``trial_id``: found by tag when the trial is retried or the sweep
-    resumes, created (with params) otherwise."""
+    resumes, created (with params, the parent's source, and ``data`` as its training dataset)
+    otherwise."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -324,9 +337,19 @@ def get_or_create_child(uri: str, exp_id: str, parent_id: str, sweep: str, trial
         client.set_terminated(run_id, status="RUNNING")
         client.set_tag(run_id, "e2kd.restarts", str(int(client.get_run(run_id).data.tags.get("e2kd.restarts", "0")) + 1))
         return run_id
+    source = {k: v for k, v in client.get_run(parent_id).data.tags.items() if k.startswith("mlflow.source.")}
     run = client.create_run(exp_id, run_name=f"trial-{trial_id}", tags={
-        TAG_PARENT: parent_id, TAG_SWEEP: sweep, TAG_ROLE: "trial", TAG_TRIAL: trial_id, **tags})
+        **source, TAG_PARENT: parent_id, TAG_SWEEP: sweep, TAG_ROLE: "trial", TAG_TRIAL: trial_id, **tags})
     log_params(client, run.info.run_id, params)
+    if data is not None:
+        from orchestrator.registry import log_datasets
+
+        try:  # the UI's Dataset column; never worth failing a trial over
+            log_datasets(client, run.info.run_id, data)
+        except Exception as e:
+            if _transient(e):
+                raise
+            print(f"[e2kd] could not record the dataset of trial {trial_id} in MLflow: {short(e, 200)}")
     return run.info.run_id
 
 
@@ -375,7 +398,7 @@ class Outbox:
         self.uri = uri.rstrip("/")
 
     def put(self, run_id: str, metrics=(), artifacts: dict[str, bytes] | None = None,
-            tags: dict[str, str] | None = None) -> None:
+            tags: dict[str, str] | None = None, step: int | None = None) -> None:
         fs, root = storage_fs.filesystem(self.uri)
         fs.create_dir(root, recursive=True)
         stem = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
@@ -387,7 +410,7 @@ class Outbox:
         # metrics: MLflow Metric objects or (key, value, timestamp ms, step) tuples
         record = {"run_id": run_id, "metrics": [[m.key, m.value, m.timestamp, m.step] if hasattr(m, "key") else list(m)
                                                 for m in metrics],
-                  "artifacts": files, "tags": tags or {}}
+                  "artifacts": files, "tags": tags or {}, "step": step}
         tmp = f"{root}/.{stem}.tmp"
         with fs.open_output_stream(tmp) as f:
             f.write(json.dumps(record).encode())
@@ -421,6 +444,8 @@ class Outbox:
                     with fs.open_input_stream(f"{root}/{blob}") as src, open(local, "wb") as dst:
                         dst.write(src.read())
                     client.log_artifact(run_id, local)
+                    if name == PNG_NAME and rec.get("step") is not None:
+                        log_step_image(client, run_id, local, int(rec["step"]))
             for k, v in rec["tags"].items():
                 client.set_tag(run_id, k, v)
             for blob in rec["artifacts"].values():
@@ -428,6 +453,22 @@ class Outbox:
             _delete(fs, path)
             sent += 1
         return sent
+
+
+IMAGE_KEY = "explanations"  # the grid's key in the run's Images tab (one image per epoch, with a slider)
+
+
+def log_step_image(client: MlflowClient, run_id: str, png_path: str, step: int) -> None:
+    """The grid again as an MLflow image at ``step`` (the epoch), for the run's image slider; the
+    plain ``explanations.png`` stays the latest grid. Skipped when that step is there already (a
+    record sent twice must not add a second image)."""
+    from PIL import Image
+
+    prefix = f"images/{IMAGE_KEY}+step+{step}+"
+    if any(a.path.startswith(prefix) for a in client.list_artifacts(run_id, "images")):
+        return
+    with Image.open(png_path) as im:
+        client.log_image(run_id, im.convert("RGB"), key=IMAGE_KEY, step=step, synchronous=True)
 
 
 def _delete(fs, path: str) -> None:
@@ -495,12 +536,12 @@ class MlflowEpochCallback(ray.train.UserCallback):
                     artifacts[PNG_NAME] = f.read()
             except (FileNotFoundError, OSError):
                 pass
-        self._put(batch, artifacts)
+        self._put(batch, artifacts, step=step)
 
     def _put(self, metrics=(), artifacts: dict[str, bytes] | None = None,
-             tags: dict[str, str] | None = None) -> None:
+             tags: dict[str, str] | None = None, step: int | None = None) -> None:
         try:  # a storage blip is retried; a longer storage outage costs these records, never the run
-            retry(lambda: Outbox(self.outbox).put(self.run_id, metrics, artifacts, tags),
+            retry(lambda: Outbox(self.outbox).put(self.run_id, metrics, artifacts, tags, step),
                   "buffering an epoch record", 120.0)
         except Exception as e:
             print(f"[e2kd] could not buffer an MLflow record in {mask_uri(self.outbox)}: {mask_uri(str(e))[:300]}")
@@ -658,34 +699,10 @@ def train_run_name(sweep: str, trial_id: str) -> str:
 
 
 def log_student(tracking_uri: str, run_id: str, checkpoint: ray.train.Checkpoint) -> None:
-    """Log the checkpoint's student with mlflow.pytorch (state dict + architecture in the model).
-    The checkpoint is read through its own filesystem (local, shared mount or S3)."""
-    import mlflow
-    import torch
+    """The checkpoint's student as a pickle-free MLflow model (:func:`orchestrator.registry.log_student`)."""
+    from orchestrator.registry import log_student as log
 
-    from trainables.checkpoint import load_checkpoint, read_meta
-    from trainables.models import MODELS, build_model
-
-    with checkpoint.as_directory() as d:
-        meta = read_meta(d)
-        state = load_checkpoint(d)
-    model = build_model(meta["student"], meta["num_classes"])
-    model.load_state_dict(state["model"])
-    model.eval()
-    size = MODELS[meta["student"]].input_size
-    channels = 6 if model.is_bcos else 3
-    example = torch.zeros(2, channels, size, size)
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        # Requirements given, not inferred: MLflow's inference loads the model in a subprocess
-        # (~6 s of CPU per trial), and this runs in the sweep's event loop, which waits for it.
-        import torchvision
-
-        mlflow.pytorch.log_model(model, name="student", input_example=example.numpy(),
-                                 serialization_format="pickle",
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                                   f"torchvision=={torchvision.__version__.split('+')[0]}"])
-        mlflow.log_dict(meta, "student/checkpoint_meta.json")
+    log(tracking_uri, run_id, checkpoint)
 
 
 def trial_params(flat: dict[str, Any]) -> dict[str, Any]:

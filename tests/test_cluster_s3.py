@@ -9,7 +9,7 @@ node downloads once and verifies), whose cache it builds with its Ray Data job s
 the MLflow outboxes in the bucket.
 
 Checked:
-* the final student of every trial reaches MLflow and loads back with ``mlflow.pytorch.load_model``,
+* the final student of every trial reaches MLflow and loads back from MLflow (``orchestrator.registry.load_student``),
   giving the same outputs as the weights in the trial's last checkpoint in the bucket (before the
   fix the checkpoint path lost its ``s3://`` and no student reached MLflow: 0 of 2);
 * the driver is SIGKILLed once the first trial has finished; every local trace of the Ray results
@@ -68,6 +68,7 @@ def test_s3_sweep_logs_students_and_resumes_from_the_bucket_alone(teacher_dir, s
     import ray.train
     import torch
 
+    from orchestrator.registry import load_student
     from trainables.checkpoint import load_checkpoint, read_meta
     from trainables.models import build_model
 
@@ -152,7 +153,7 @@ def test_s3_sweep_logs_students_and_resumes_from_the_bucket_alone(teacher_dir, s
                 meta, state = read_meta(ck), load_checkpoint(ck)
             ref = build_model(meta["student"], meta["num_classes"])
             ref.load_state_dict(state["model"])
-            logged = mlflow.pytorch.load_model(f"runs:/{c.info.run_id}/student")
+            logged = load_student(f"runs:/{c.info.run_id}/student")
             x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 torch.testing.assert_close(logged.eval()(x), ref.eval()(x))

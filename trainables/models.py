@@ -314,7 +314,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             from safetensors.torch import load_file
         except ImportError:
             raise ValueError(f"weights file {path}: reading .safetensors needs the safetensors package "
-                             "(pip install 'e2kd[safetensors]'), or convert it to a torch .pt file") from None
+                             "(pip install safetensors), or convert it to a torch .pt file") from None
         try:
             return load_file(path)
         except Exception as e:  # a truncated or foreign file
