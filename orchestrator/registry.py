@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -164,9 +163,7 @@ def log_student(tracking_uri: str, run_id: str, checkpoint) -> None:
         if model.is_bcos:
             reqs.append(f"bcos=={_version('bcos')}")
         mlflow.set_tracking_uri(tracking_uri)
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            # The signature is given (tensors), so predict's type hints would add nothing.
-            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+        with mlflow.start_run(run_id=run_id):
             # Requirements given, not inferred: inference loads the model in a subprocess (~6 s of
             # CPU per trial), and this runs in the sweep's event loop, which waits for it.
             mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=STUDENT_CODE,

@@ -271,8 +271,12 @@ def expand_parent(page, sweep) -> None:
 
 
 def test_printed_link_opens_the_sweep_with_its_children(sweep, ui, tmp_path):
+    link = local_link(sweep, ui)
+    ui["server"].log.flush()
+    with open(ui["server"].log.name) as f:  # `e2kd ui` prints it, on its own port
+        assert f"[e2kd] {EXPERIMENT}: {link}" in f.read()
     page = fresh_page(ui, height=560)
-    page.goto(local_link(sweep, ui), wait_until="domcontentloaded")
+    page.goto(link, wait_until="domcontentloaded")
     expand_parent(page, sweep)
     close_assistant(page)
     # Model-training mode (not the GenAI default), the runs table with its Dataset and Source columns.
@@ -283,6 +287,23 @@ def test_printed_link_opens_the_sweep_with_its_children(sweep, ui, tmp_path):
         assert c["name"] in body and c["dataset"] in body, body[:3000]
     assert "student" in body  # the Models column: each child's logged student
     save_screenshot(page, tmp_path, "mlflow-runs.png")
+
+
+def compare_tables(page) -> dict[str, list[str]]:
+    """Run details and Parameters tables as {row header: [cell text per run column]}; the Run ID
+    row holds the run ids from the cells' links."""
+    return page.evaluate("""() => {
+        const out = {};
+        for (const tr of document.querySelectorAll('table.mlflow-compare-table tr')) {
+            const th = tr.querySelector('.head-value');
+            if (!th) continue;
+            out[th.innerText.trim()] = Array.from(tr.querySelectorAll('.data-value')).map(
+                c => c.querySelector('a[href*="/runs/"]')
+                     ? c.querySelector('a[href*="/runs/"]').getAttribute('href').split('/runs/')[1]
+                     : c.innerText.trim());
+        }
+        return out;
+    }""")
 
 
 def test_compare_page_and_explanation_png_in_chromium(sweep, ui, tmp_path):

@@ -74,7 +74,7 @@ def test_two_trial_sweep_mlflow_optuna_resume(tmp_path, teacher_dir, local_ray):
         assert c.data.params["loss.lam"] in ("0.0", str(lams[1]))
         arts = [a.path for a in client.list_artifacts(c.info.run_id)]
         assert "explanations.png" in arts, arts
-        assert "student" in arts, arts  # the final student, logged with mlflow.pytorch
+        assert "student" in arts, arts  # the final student (orchestrator.registry.log_student)
         assert c.info.status == "FINISHED"
     # Where the time went: the parent's breakdown adds up the children's per-epoch records.
     train = sum(m.value for c in children for m in client.get_metric_history(c.info.run_id, "train_time_s"))
