@@ -97,14 +97,18 @@ def dataset_source_uri(cfg: DataConfig) -> str:
 def training_dataset(cfg: DataConfig):
     """The distillation (train) split as an MLflow dataset: its name says the selection, its digest
     is the start of the split's fingerprint (the teacher card and cache use the same one)."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     from trainables.data import dataset_info
 
     info = dataset_info(cfg)
     name = f"{cfg.name}-train" + (f"-{cfg.shots}shot-seed{cfg.seed}" if cfg.shots else "")
-    return MetaDataset(resolve_dataset_source(dataset_source_uri(cfg)), name=name, digest=info.fingerprint[:16])
+    uri = dataset_source_uri(cfg)
+    # MLflow registers its local-file source twice; naming the last match avoids its warning.
+    fits = [src for src in get_registered_sources() if src._can_resolve(uri)]
+    return MetaDataset(resolve_dataset_source(uri, candidate_sources=fits[-1:] or None), name=name,
+                       digest=info.fingerprint[:16])
 
 
 def log_datasets(client: MlflowClient, run_id: str, cfg: DataConfig) -> None:
@@ -115,6 +119,19 @@ def log_datasets(client: MlflowClient, run_id: str, cfg: DataConfig) -> None:
     ds = training_dataset(cfg)
     client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),
                                                      tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+
+
+def try_log_datasets(client: MlflowClient, run_id: str, cfg: DataConfig, what: str) -> None:
+    """:func:`log_datasets`, for the UI's Dataset column only: a data problem is printed (the trial
+    reports it itself), an MLflow outage is raised (retried with the run's creation)."""
+    from orchestrator.tracking import _is_mlflow_outage, short
+
+    try:
+        log_datasets(client, run_id, cfg)
+    except Exception as e:
+        if _is_mlflow_outage(e):
+            raise
+        print(f"[e2kd] could not record the dataset of {what} in MLflow: {short(e, 200)}")
 
 
 # ------------------------------------ the student model ----------------------------------------

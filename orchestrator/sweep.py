@@ -483,7 +483,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         parent = tracking.create_parent(client, exp_id, spec.name, spec.source, tracking.trial_params(spec.params()),
                                         tags={"e2kd.metric": spec.search.metric, "e2kd.mode": spec.search.mode,
                                               "e2kd.kd_arm": spec.search.kd_arm})
-        registry.log_datasets(client, parent, spec.train.data)  # the Dataset column of the parent's row
+        registry.try_log_datasets(client, parent, spec.train.data, "the sweep")  # the parent row's Dataset column
     else:
         log(f"[e2kd] resuming sweep {spec.name!r}: MLflow parent run {parent}")
         client.set_terminated(parent, status="RUNNING")

@@ -342,14 +342,9 @@ def get_or_create_child(uri: str, exp_id: str, parent_id: str, sweep: str, trial
         **source, TAG_PARENT: parent_id, TAG_SWEEP: sweep, TAG_ROLE: "trial", TAG_TRIAL: trial_id, **tags})
     log_params(client, run.info.run_id, params)
     if data is not None:
-        from orchestrator.registry import log_datasets
+        from orchestrator.registry import try_log_datasets
 
-        try:  # the UI's Dataset column; never worth failing a trial over
-            log_datasets(client, run.info.run_id, data)
-        except Exception as e:
-            if _transient(e):
-                raise
-            print(f"[e2kd] could not record the dataset of trial {trial_id} in MLflow: {short(e, 200)}")
+        try_log_datasets(client, run.info.run_id, data, f"trial {trial_id}")
     return run.info.run_id
 
 
