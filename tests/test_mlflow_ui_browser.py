@@ -365,7 +365,7 @@ def test_compare_page_and_explanation_png_in_chromium(sweep, ui, tmp_path):
 def test_explanation_grids_have_an_epoch_slider(sweep, ui, tmp_path):
     steps = sweep["children"][0]["image_steps"]
     assert steps == [1, 2]  # MLflow holds one grid per epoch (explain_every 1, 2 epochs)
-    page = fresh_page(ui)
+    page = fresh_page(ui, height=1300)  # the grid is tall: 8 samples × (image | teacher | student)
     page.goto(local_link(sweep, ui) + "&compareRunsMode=CHART", wait_until="domcontentloaded")
     expand_parent(page, sweep)
     close_assistant(page)
@@ -374,14 +374,21 @@ def test_explanation_grids_have_an_epoch_slider(sweep, ui, tmp_path):
     slider.wait_for()
     # The slider runs over the epochs the grids were logged at.
     assert (slider.get_attribute("aria-valuemin"), slider.get_attribute("aria-valuemax")) == (str(steps[0]), str(steps[-1]))
-    slider.focus()
-    page.keyboard.press("End")
-    page.wait_for_function("(el) => el.getAttribute('aria-valuenow') === el.getAttribute('aria-valuemax')",
-                           arg=slider.element_handle())
-    img = page.locator("img[src*='explanations']").first
-    img.wait_for()
-    page.wait_for_function("(el) => el.complete && el.naturalWidth > 0", arg=img.element_handle())
-    assert f"+step+{steps[-1]}+" in urllib.parse.unquote(img.get_attribute("src"))
+    # The card's full-screen view; a click at the end of the slider's track moves it to the last epoch.
+    page.locator('[data-component-id$="fullscreen_button_chartcard"]').first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.wait_for()
+    track = dialog.locator("[role=slider]").first.locator("xpath=../..").bounding_box()
+    page.mouse.click(track["x"] + track["width"] - 2, track["y"] + track["height"] / 2)
+    page.wait_for_function("(v) => Array.from(document.querySelectorAll('[role=dialog] [role=slider]'))"
+                           ".some(s => s.getAttribute('aria-valuenow') === v)", arg=str(steps[-1]))
+    # The shown grid has loaded, and it is the last epoch's image (its artifact name holds the step).
+    srcs = page.wait_for_function("""() => {
+        const imgs = Array.from(document.querySelectorAll('[role=dialog] img')).filter(
+            i => i.src.includes('explanations') && i.complete && i.naturalWidth > 0);
+        return imgs.length ? imgs.map(i => i.getAttribute('src')) : null;
+    }""").json_value()
+    assert all(f"+step+{steps[-1]}+" in urllib.parse.unquote(src) for src in srcs), srcs
     save_screenshot(page, tmp_path, "mlflow-images.png")
 
 
