@@ -311,8 +311,8 @@ def test_compare_page_and_explanation_png_in_chromium(sweep, ui, tmp_path):
     run_ids = [c["run_id"] for c in children]
     page = fresh_page(ui)
     # ---- the run comparison, at the route MLflow's Compare button builds (getCompareRunPageRoute)
-    q = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([sweep["exp_id"]])},
-                               quote_via=urllib.parse.quote)
+    q = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([sweep["exp_id"]]),
+                                "workflowType": "machine_learning"}, quote_via=urllib.parse.quote)
     page.goto(f"{ui['server'].url}/#/compare-runs?{q}", wait_until="domcontentloaded")
     page.get_by_role("heading", name=f"Comparing {len(children)} Runs from 1 Experiment").wait_for()
     page.locator("table.mlflow-compare-table th", has_text="loss.temperature").first.wait_for()
