@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -48,7 +49,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def _load(args) -> SweepSpec:
-    return load_spec(args.spec, args.set or [])
+    spec = load_spec(args.spec, args.set or [])
+    if "@" in spec.mlflow.tracking_uri:
+        from orchestrator import tracking
+
+        bare = tracking.adopt_credentials(spec.mlflow.tracking_uri)  # credentials to the environment
+        spec = dataclasses.replace(spec, mlflow=dataclasses.replace(spec.mlflow, tracking_uri=bare))
+    return spec
 
 
 def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bool = True,
@@ -697,9 +704,16 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or bool(os.environ.get("E2KD_DEBUG"))
     sys.excepthook = _masked_excepthook
     threading.excepthook = lambda a: _masked_excepthook(a.exc_type, a.exc_value, a.exc_traceback)
+    # credentials a URI moves into the environment last as long as the command (main() is also
+    # called in-process, by tests and by users' scripts)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         # --debug anywhere on the line (e2kd sweep SPEC --debug), not only before the command
         args = build_parser().parse_args((["--debug"] if debug else []) + [a for a in argv if a != "--debug"])
+        if "@" in (getattr(args, "tracking_uri", None) or ""):
+            from orchestrator import tracking
+
+            args.tracking_uri = tracking.adopt_credentials(args.tracking_uri)  # credentials to the environment
         return args.fn(args)
     except SystemExit:
         raise
@@ -714,6 +728,12 @@ def main(argv: list[str] | None = None) -> int:
             return _err(text or type(e).__name__)
         return _err(f"{type(e).__name__}: {one_line(str(e), MAX_MESSAGE - 150)} (unexpected; rerun with --debug for "
                     "the traceback)", code=1)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator import tracking
-from orchestrator.cluster import Capacity, cluster_capacity
+from orchestrator.cluster import Capacity, cluster_capacity, loopback_node_ip
 from orchestrator.spec import DRIVER_RESOURCE_AMOUNT, SweepSpec
 from trainables.config import TrainConfig, flatten, with_overrides
 from trainables.train_loop import NonFiniteLossError, train_loop_per_worker
@@ -588,10 +588,8 @@ def init_ray(address: str | None, num_cpus: int | None, log=print) -> bool:
         ray.init(address=address, log_to_driver=True)
         log(f"[e2kd] connected to Ray at {tracking.mask_uri(address)}: {ray.cluster_resources()}")
     else:
-        # The dashboard on loopback; token auth (Ray's default for local clusters since 2.59) stays
-        # on. The GCS and raylet cannot be moved to loopback: Ray 2.60 replaces a 127.0.0.1 node IP
-        # with the reachable address (services.resolve_ip_for_localhost; tests/test_network_binding.py).
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+        with loopback_node_ip():
+            ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
         log(f"[e2kd] started a local Ray instance: {ray.cluster_resources().get('CPU', 0):g} logical CPUs")
     return True
 
