@@ -44,14 +44,15 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 def default_url(storage: str, tracking_uri: str) -> str:
     """SQLite beside ``mlflow.db`` when MLflow is a SQLite file, else inside the sweep's local
-    ``storage``, else (both remote) in the working directory."""
+    ``storage``, else (both remote: a cluster job, whose working directory is a temporary copy) in
+    ``~/.e2kd`` of the machine running the sweep driver (the head)."""
     db = tracking.sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:") else None
     if db:
         folder = os.path.dirname(db)
     elif "://" not in storage:
         folder = os.path.abspath(storage)
     else:
-        folder = os.getcwd()
+        folder = os.path.join(os.path.expanduser("~"), ".e2kd")
     return "sqlite:///" + os.path.join(folder, DB_NAME)
 
 
@@ -159,7 +160,10 @@ class EnvRDBStorage(RDBStorage):
 
 
 def open_storage(template: str) -> EnvRDBStorage:
+    url = expand(template)  # a missing variable: its own message
     try:
+        if url.startswith("sqlite:///"):  # SQLite makes the file, not its folder
+            os.makedirs(os.path.dirname(url[len("sqlite:///"):].split("?", 1)[0]) or ".", exist_ok=True)
         return EnvRDBStorage(template)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors: name the field, mask the URL
         raise ConnectionError(f"{FIELD}: cannot open the Optuna storage {tracking.mask_uri(template)}: "
