@@ -131,6 +131,21 @@ def test_restore_ignores_trials_a_dead_driver_left_and_reruns_the_baseline(tmp_p
     assert [t.value for t in study.trials if t.state.name == "COMPLETE"] == [0.5, 0.6]
 
 
+def test_ui_optuna_refuses_a_busy_port_in_one_line(tmp_path, capsys):
+    """The dashboard's address is checked before it starts: exit code 2, one line naming --port."""
+    from orchestrator import cli
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    optuna.create_study(storage=url, study_name="s")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = cli.main(["ui", "--optuna", "--optuna-storage", url, "--port", str(port)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and f"--port {port}" in err, err
+
+
 # ------------------------------------ end to end ---------------------------------------------
 
 
