@@ -8,6 +8,7 @@
     e2kd report EXPERIMENT [--sweep NAME]         KD baseline vs best e²KD, plots
     e2kd report EXPERIMENT --trend SWEEP... --by data.shots   the gain against one setting, plot
     e2kd ui [--tracking-uri URI] [--port 5000]    MLflow UI on 127.0.0.1
+    e2kd ui --optuna [--optuna-storage URL]       optuna-dashboard on the sweeps' Optuna studies
 
 Every spec problem is reported before Ray starts, as one line naming the file and the field.
 """
@@ -133,6 +134,9 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
             raise CacheError(f"teacher.cache_dir: {e}; rebuild it with `e2kd cache {spec.source} --force`") from None
     if record:
         tracking.check_store(tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri), write=True)
+        from orchestrator import optuna_store
+
+        optuna_store.preflight(spec, tracking_uri)  # search.storage: the sweep's Optuna study
     if not local:
         check_address(address or os.environ["RAY_ADDRESS"])
 
@@ -573,6 +577,9 @@ def cmd_report(args) -> int:
 def cmd_ui(args) -> int:
     from orchestrator import tracking
 
+    if args.optuna:
+        return cmd_ui_optuna(args)
+    args.port = args.port or 5000
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_store(uri, write=False)  # read-only: an absent store is an error, never created
     if not 1 <= args.port <= 65535:
@@ -594,6 +601,19 @@ def cmd_ui(args) -> int:
         raise RuntimeError(f"the MLflow UI server on {args.host}:{args.port} exited with code {code} (its output "
                            "is above)")
     return 0
+
+
+def cmd_ui_optuna(args) -> int:
+    """optuna-dashboard on the sweeps' Optuna storage: --optuna-storage, or the default beside the
+    SQLite --tracking-uri (where `e2kd sweep` puts it)."""
+    from orchestrator import optuna_store, tracking
+
+    port = args.port or 8080
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port: {port} is not in 1-65535")
+    url = args.optuna_storage or optuna_store.default_url(".", tracking.resolve_tracking_uri(args.tracking_uri))
+    check_port_free(args.host, port)
+    return optuna_store.serve_dashboard(url, args.host, port)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -672,10 +692,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--by", default="data.shots", help="the setting the --trend sweeps differ in (a run param)")
     sp.add_argument("--metrics", nargs="+", default=["test_acc", "test_agreement"], help="metrics for --trend")
     sp.set_defaults(fn=cmd_report)
-    sp = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    sp = sub.add_parser("ui", help="start the MLflow UI (or, with --optuna, optuna-dashboard) on 127.0.0.1")
     sp.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     sp.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    sp.add_argument("--port", type=int, default=5000)
+    sp.add_argument("--port", type=int, default=None, help="default 5000 (MLflow), 8080 (--optuna)")
+    sp.add_argument("--optuna", action="store_true",
+                    help="optuna-dashboard on the sweeps' Optuna studies instead of the MLflow UI")
+    sp.add_argument("--optuna-storage", metavar="URL", help="the Optuna storage (default: optuna.db beside the "
+                    "SQLite --tracking-uri; ${VAR} is filled from the environment)")
     sp.set_defaults(fn=cmd_ui)
     return p
 
