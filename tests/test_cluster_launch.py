@@ -174,10 +174,14 @@ def _sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
 # exits, the kernel kills everything else in the host's PID namespace.
 HOST_INIT = r"""
 import os, subprocess, sys
-home, tmp, shared, user_home = sys.argv[1:5]
+home, tmp, shared, user_home, *keep = sys.argv[1:]
 def mount(*a):
     subprocess.run(["mount", *a], check=True)
-mount("--bind", home, user_home)
+for path in keep:                                  # e.g. a pyenv Python under the real home
+    inside = os.path.join(home, os.path.relpath(path, user_home))
+    os.makedirs(inside, exist_ok=True)
+    mount("--bind", path, inside)
+mount("--rbind", home, user_home)
 mount("-t", "tmpfs", "e2l-mnt", "/mnt")            # private /mnt: nothing created on the real one
 for d in ("data", "models", "shared"):
     os.makedirs("/mnt/" + d)
@@ -218,6 +222,10 @@ class Hosts:
         for d in ("data", "models", "shared"):
             os.makedirs(os.path.join(self.shared, d))
         self.pubkey = pubkey
+        # The private home hides the real one: keep the Python installation visible when it lives
+        # there (pyenv in /root on this machine), at its own path, read-only in spirit.
+        self.keep = sorted({p for p in (sys.base_prefix, sys.prefix)
+                            if os.path.realpath(p).startswith(os.path.realpath(user_home) + os.sep)})
 
     def _provision(self, i: int) -> None:
         """What an administrator does once per host: a home with the SSH key, sshd's config and
@@ -264,7 +272,8 @@ class Hosts:
             self.procs.append(subprocess.Popen(
                 ["ip", "netns", "exec", ns, "unshare", "--mount", "--pid", "--fork", "--kill-child",
                  "--mount-proc", "--propagation", "private", sys.executable, "-c", HOST_INIT,
-                 self.homes[i], os.path.join(self.work, f"h{i}", "tmp"), self.shared, self.user_home],
+                 self.homes[i], os.path.join(self.work, f"h{i}", "tmp"), self.shared, self.user_home,
+                 *self.keep],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
             log.close()
 
@@ -358,7 +367,7 @@ class Launcher:
 
 def _http_status(url: str) -> int | None:
     try:
-        with urllib.request.urlopen(url, timeout=3) as r:
+        with urllib.request.urlopen(url, timeout=10) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -458,11 +467,12 @@ def test_ray_up_cluster_local_runs_a_sweep_and_ray_down_cleans_up(teacher_dir, m
         out = ray.exec("cat ~/mlflow/tracking_uri", timeout=60)
         uri = re.search(r"http://[0-9.]+:5000", out).group(0)
         assert uri == f"http://{hosts.ips[0]}:5000", (uri, "MLflow is not on the head's address")
-        deadline = time.time() + 20
-        while _http_status(f"{uri}/health") != 200 and time.time() < deadline:
+        # `ray up` waited for /health already; a loaded machine may still be restarting a uvicorn
+        # worker (uvicorn replaces workers that miss its health ping), hence a short grace.
+        deadline = time.time() + 30
+        while (health := _http_status(f"{uri}/health")) != 200 and time.time() < deadline:
             time.sleep(1)
-        assert _http_status(f"{uri}/health") == 200, (
-            f"MLflow at {uri} did not answer; ray up said:\n{up_out[-3000:]}")
+        assert health == 200, f"MLflow at {uri} did not answer; ray up said:\n{up_out[-3000:]}"
         assert _http_status(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1") == 401  # basic-auth app
 
         # --- what file_mounts delivered, on every host ---------------------------------------
