@@ -289,6 +289,23 @@ def test_local_provider(no_network):
     assert not any("TRAIN_DRIVER_RESOURCE" in c for c in raw["head_start_ray_commands"] if c is not start)
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_local_head_runs_autoscaler_v1():
+    """`ray up` prefixes the head's start commands with RAY_enable_autoscaler_v2=1 (Ray >= 2.50);
+    with the local provider v2 never starts the worker_ips (tests/test_cluster_launch.py found it),
+    so cluster-local.yaml's `ray start --head` must still see 0. Ray's own prefixing, then bash."""
+    from ray.autoscaler._private.util import with_envs  # what `ray up` applies (commands.py)
+
+    (start,) = [c for c in load(LOCAL)["head_start_ray_commands"] if "ray start --head" in c]
+    (prefixed,) = with_envs([start], {"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": "x",
+                                      "RAY_NODE_TYPE_NAME": "local.cluster.node"})
+    assert "RAY_enable_autoscaler_v2=1" in prefixed  # Ray still prefixes it (else this test is moot)
+    before_start = prefixed.split("ray start --head")[0]
+    res = subprocess.run(["bash", "-c", before_start + ' echo "v2=$RAY_enable_autoscaler_v2"'],
+                         capture_output=True, text=True, timeout=30)
+    assert res.stdout.strip().splitlines()[-1] == "v2=0", (res.stdout, res.stderr)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_installs_project_from_synced_dir(path):
     cfg = load(path)
