@@ -48,9 +48,10 @@ without Docker, as docs/cluster.md says), sshd and the init is left in any host'
 (``ip netns pids``, never by process name).
 
 Discrimination, checked once for real: with the head's MLflow start command changed to
-``--backend-store-urii`` (a wrong flag), ``ray up`` still succeeded, the start-up script printed
-"MLflow did not start, see ~/mlflow/server.log", and this test failed at its /health check
-(``MLflow at http://10.x.y.10:5000 did not answer``) after ~20 s of waiting.
+``--backend-store-urii`` (a wrong flag; a copy of the file given by E2KD_LAUNCH_CLUSTER_FILE),
+``ray up`` still exited 0 — the start-up script only printed the tail of ~/mlflow/server.log,
+``Error: No such option '--backend-store-urii'`` — and this test failed at its /health check,
+``AssertionError: MLflow at http://10.x.y.10:5000 did not answer`` (4 min 18 s in all).
 
 Needs root (namespaces, mounts), ``ip``, ``unshare``, ``sshd``, ``ssh`` and ``rsync``;
 openssh-server and rsync are apt-get installed when missing and running as root (as
