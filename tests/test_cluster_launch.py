@@ -60,6 +60,7 @@ test_mlflow_ui_browser.py does for chromium), otherwise the test is skipped with
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -554,6 +555,16 @@ def test_ray_up_cluster_local_runs_a_sweep_and_ray_down_cleans_up(teacher_dir, m
         for suffix in ("state", "lock"):
             try:
                 os.remove(f"/tmp/ray/cluster-{cluster_name}.{suffix}")
+            except OSError:
+                pass
+        # The launcher's config caches (/tmp/ray-config-<hash>, written by `ray exec`/`ray down`)
+        # and bootstrap files name this run's unique cluster: remove those.
+        for path in glob.glob(os.path.join(tempfile.gettempdir(), "ray-config-*")) + \
+                glob.glob(os.path.join(tempfile.gettempdir(), "ray-bootstrap-*")):
+            try:
+                with open(path, errors="replace") as f:
+                    if cluster_name in f.read():
+                        os.remove(path)
             except OSError:
                 pass
         control = "/tmp/ray_ssh_{}/{}".format(hashlib.sha256(user.encode()).hexdigest()[:10],
