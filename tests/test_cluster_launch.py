@@ -206,7 +206,7 @@ while True:
 class Hosts:
     """SSH hosts on a bridge, each a network+mount+PID namespace running its own sshd."""
 
-    def __init__(self, work: str, n: int, ssh_user: str, user_home: str, pubkey: str):
+    def __init__(self, work: str, n: int, user_home: str, pubkey: str):
         self.tag = uuid.uuid4().hex[:6]
         self.work, self.n, self.user_home = work, n, user_home
         self.bridge = f"e2l{self.tag}br"
@@ -429,7 +429,7 @@ def test_ray_up_cluster_local_runs_a_sweep_and_ray_down_cleans_up(teacher_dir, m
     with open(key + ".pub") as f:
         pubkey = f.read()
     cluster_name = f"e2l-{uuid.uuid4().hex[:8]}"
-    hosts = Hosts(work, 1 + NUM_WORKERS, user, user_home, pubkey)
+    hosts = Hosts(work, 1 + NUM_WORKERS, user_home, pubkey)
     config = os.path.join(work, "cluster.yaml")
     ray = Launcher(work, home, config)
     launched, failed = False, False
