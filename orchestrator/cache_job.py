@@ -34,6 +34,7 @@ from dataclasses import replace
 import numpy as np
 import ray
 
+from orchestrator.cluster import loopback_node_ip
 from trainables import storage
 from trainables.data import DataConfig
 from trainables.data.cache import CacheTarget, build_manifest, check_rows, rows_table
@@ -98,7 +99,8 @@ def build_cache(teacher_dir: str | os.PathLike, data: DataConfig, explainer: str
         data = replace(data, root=os.path.abspath(data.root))
     started = False
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=os.cpu_count() or 2)
+        with loopback_node_ip():
+            ray.init(address="local", num_cpus=os.cpu_count() or 2, dashboard_host="127.0.0.1")
         started = True
     try:
         ctx = ray.data.DataContext.get_current()

@@ -8,6 +8,7 @@
     e2kd report EXPERIMENT [--sweep NAME]         KD baseline vs best e²KD, plots
     e2kd report EXPERIMENT --trend SWEEP... --by data.shots   the gain against one setting, plot
     e2kd ui [--tracking-uri URI] [--port 5000]    MLflow UI on 127.0.0.1
+    e2kd ui --optuna [--optuna-storage URL]       optuna-dashboard on the sweeps' Optuna studies
 
 Every spec problem is reported before Ray starts, as one line naming the file and the field.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -48,7 +50,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def _load(args) -> SweepSpec:
-    return load_spec(args.spec, args.set or [])
+    spec = load_spec(args.spec, args.set or [])
+    if "@" in spec.mlflow.tracking_uri:
+        from orchestrator import tracking
+
+        bare = tracking.adopt_credentials(spec.mlflow.tracking_uri)  # credentials to the environment
+        spec = dataclasses.replace(spec, mlflow=dataclasses.replace(spec.mlflow, tracking_uri=bare))
+    return spec
 
 
 def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bool = True,
@@ -126,6 +134,9 @@ def preflight(spec: SweepSpec, tracking_uri: str | None = None, need_teacher: bo
             raise CacheError(f"teacher.cache_dir: {e}; rebuild it with `e2kd cache {spec.source} --force`") from None
     if record:
         tracking.check_store(tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri), write=True)
+        from orchestrator import optuna_store
+
+        optuna_store.preflight(spec, tracking_uri)  # search.storage: the sweep's Optuna study
     if not local:
         check_address(address or os.environ["RAY_ADDRESS"])
 
@@ -575,6 +586,9 @@ def cmd_report(args) -> int:
 def cmd_ui(args) -> int:
     from orchestrator import tracking
 
+    if args.optuna:
+        return cmd_ui_optuna(args)
+    args.port = args.port or 5000
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_store(uri, write=False)  # read-only: an absent store is an error, never created
     if not 1 <= args.port <= 65535:
@@ -611,6 +625,19 @@ def print_experiment_links(uri: str, base: str) -> None:
             print(line)
     except Exception:  # noqa: BLE001 - the links are a courtesy; the UI itself still starts
         pass
+
+
+def cmd_ui_optuna(args) -> int:
+    """optuna-dashboard on the sweeps' Optuna storage: --optuna-storage, or the default beside the
+    SQLite --tracking-uri (where `e2kd sweep` puts it)."""
+    from orchestrator import optuna_store, tracking
+
+    port = args.port or 8080
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port: {port} is not in 1-65535")
+    url = args.optuna_storage or optuna_store.default_url(".", tracking.resolve_tracking_uri(args.tracking_uri))
+    check_port_free(args.host, port)
+    return optuna_store.serve_dashboard(url, args.host, port)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -691,10 +718,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--register", metavar="NAME",
                     help="register the best e²KD student in the MLflow Model Registry as a new version of NAME")
     sp.set_defaults(fn=cmd_report)
-    sp = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    sp = sub.add_parser("ui", help="start the MLflow UI (or, with --optuna, optuna-dashboard) on 127.0.0.1")
     sp.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     sp.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    sp.add_argument("--port", type=int, default=5000)
+    sp.add_argument("--port", type=int, default=None, help="default 5000 (MLflow), 8080 (--optuna)")
+    sp.add_argument("--optuna", action="store_true",
+                    help="optuna-dashboard on the sweeps' Optuna studies instead of the MLflow UI")
+    sp.add_argument("--optuna-storage", metavar="URL", help="the Optuna storage (default: optuna.db beside the "
+                    "SQLite --tracking-uri; ${VAR} is filled from the environment)")
     sp.set_defaults(fn=cmd_ui)
     return p
 
@@ -723,9 +754,16 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or bool(os.environ.get("E2KD_DEBUG"))
     sys.excepthook = _masked_excepthook
     threading.excepthook = lambda a: _masked_excepthook(a.exc_type, a.exc_value, a.exc_traceback)
+    # credentials a URI moves into the environment last as long as the command (main() is also
+    # called in-process, by tests and by users' scripts)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         # --debug anywhere on the line (e2kd sweep SPEC --debug), not only before the command
         args = build_parser().parse_args((["--debug"] if debug else []) + [a for a in argv if a != "--debug"])
+        if "@" in (getattr(args, "tracking_uri", None) or ""):
+            from orchestrator import tracking
+
+            args.tracking_uri = tracking.adopt_credentials(args.tracking_uri)  # credentials to the environment
         return args.fn(args)
     except SystemExit:
         raise
@@ -740,6 +778,12 @@ def main(argv: list[str] | None = None) -> int:
             return _err(text or type(e).__name__)
         return _err(f"{type(e).__name__}: {one_line(str(e), MAX_MESSAGE - 150)} (unexpected; rerun with --debug for "
                     "the traceback)", code=1)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ are all there is.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -83,3 +84,31 @@ def publish_autoscaler_config(path: str) -> dict[str, int]:
     from ray._private.state import state
 
     return state.get_max_resources_from_cluster_config() or {}
+
+
+@contextlib.contextmanager
+def loopback_node_ip():
+    """Start a local instance on 127.0.0.1 only: GCS, raylet, workers, agents and the metrics
+    exporters (tests/test_network_binding.py lists every listening socket).
+
+    Why not ``ray.init(_node_ip_address="127.0.0.1")``: Ray 2.60 replaces a loopback node IP with
+    the machine's reachable address (services.resolve_ip_for_localhost) unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is false — the switch Ray itself uses to keep laptops on
+    macOS/Windows on loopback. Processes Ray spawns read it from the environment at import (the
+    raylet's environment is what its workers inherit), this driver from the constant. Both are
+    restored afterwards so that a `ray start` this process runs later still may form a cluster.
+    Token authentication (Ray's default for local instances) stays on.
+    """
+    from ray._private import ray_constants
+
+    env, const = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = const
+        if env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = env

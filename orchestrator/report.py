@@ -257,6 +257,12 @@ def print_report(experiment: str, tracking_uri: str, sweep: str | None = None, o
     for path in plots(summary, out):
         client.log_artifact(parent.info.run_id, path, artifact_path="report")
         print(f"[e2kd] plot: {path}")
+    from orchestrator import pareto
+
+    front_text, _, _ = pareto.section(client, parent, children, out)  # "" unless search.objectives
+    if front_text:
+        print(front_text)
+        text += "\n" + front_text
     report_path = os.path.join(out, "report.txt")
     with open(report_path, "w") as f:
         f.write(text + "\n")

@@ -68,13 +68,31 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """One objective of a multi-objective search (``search.objectives``)."""
+
+    metric: str
+    mode: Literal["max", "min"] = "max"
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     num_trials: int = 8  # including the KD baseline
     metric: str = "val_agreement"
     mode: Literal["max", "min"] = "max"
+    # Multi-objective search (e.g. accuracy vs explanation fidelity): Optuna's sampler is told every
+    # objective, `e2kd report` shows the Pareto front. The first objective is the primary one
+    # (search.metric/mode become it: the KD-vs-best-e²KD table ranks by it). Needs scheduler: none
+    # (ASHA stops trials on one metric).
+    objectives: tuple[Objective, ...] = ()
     # auto: "grid" when every entry is a `choice` (each configuration once, in a seeded order: a
-    # sampler would repeat some — TPE on a 4×2 grid does), "tpe" otherwise.
-    sampler: Literal["auto", "tpe", "random", "grid"] = "auto"
+    # sampler would repeat some — TPE on a 4×2 grid does), "tpe" otherwise. nsga2: Optuna's
+    # NSGA-II (multi-objective, genetic).
+    sampler: Literal["auto", "tpe", "random", "grid", "nsga2"] = "auto"
+    # The Optuna study's storage (an RDB URL: sqlite:///…, postgresql://…, mysql://…; ${VAR} is
+    # filled from the environment, so a password need not be written here). null: SQLite optuna.db
+    # beside a SQLite mlflow.db, else inside a local `storage`, else in the working directory.
+    storage: str | None = None
     n_startup_trials: int = 10  # TPE: random trials before the model-based ones (Optuna's default)
     seed: int = 0
     space: dict[str, ParamSpec] = field(default_factory=dict)
@@ -102,6 +120,22 @@ class SearchConfig:
             raise ValueError(f"search.seed must be in [0, 2**32), got {self.seed}")
         if self.kd_arm == "tuned" and not self.baseline:
             raise ValueError("search.kd_arm: tuned needs search.baseline: true (the KD arm starts at the spec's settings)")
+        if self.storage is not None and not self.storage.strip():
+            raise ValueError("search.storage must not be empty (null: the default SQLite file)")
+        if self.objectives:
+            metrics = [o.metric for o in self.objectives]
+            if len(metrics) < 2:
+                raise ValueError("search.objectives needs at least 2 objectives (one metric: use search.metric/mode)")
+            if len(set(metrics)) != len(metrics):
+                raise ValueError(f"search.objectives: each metric once, got {', '.join(metrics)}")
+            if self.metric not in ("val_agreement", metrics[0]):
+                raise ValueError(f"search.metric: {self.metric!r} differs from the first of search.objectives "
+                                 f"({metrics[0]!r}), which is the primary metric; drop search.metric")
+            if self.scheduler == "asha":
+                raise ValueError("search.scheduler: asha stops trials on one metric and cannot rank them on "
+                                 f"{len(metrics)} objectives; set scheduler: none with search.objectives")
+            object.__setattr__(self, "metric", metrics[0])
+            object.__setattr__(self, "mode", self.objectives[0].mode)
 
     @property
     def grid(self) -> bool:
@@ -627,19 +661,28 @@ def check_search_space(spec: SweepSpec) -> None:
         splits = fam.eval_splits
     except ValueError as e:  # e.g. voc without data.root
         raise SpecError(_in_section("data", str(e))) from None
-    if not any(spec.search.metric.startswith(f"{s}_") for s in (*splits, "train")):
-        raise SpecError(f"search.metric: {show(spec.search.metric)} is not reported; metrics are <split>_<name> "
+    if spec.search.objectives:
+        for i, o in enumerate(spec.search.objectives):
+            _check_metric(spec, fam, splits, o.metric, f"search.objectives[{i}].metric")
+    else:
+        _check_metric(spec, fam, splits, spec.search.metric, "search.metric")
+
+
+def _check_metric(spec: SweepSpec, fam, splits, metric: str, where: str) -> None:
+    """``metric`` is one a trial reports in every epoch (what Tune and Optuna are told)."""
+    if not any(metric.startswith(f"{s}_") for s in (*splits, "train")):
+        raise SpecError(f"{where}: {show(metric)} is not reported; metrics are <split>_<name> "
                         f"with split in {', '.join(splits)} (e.g. val_agreement, val_acc)")
     # Tune needs the metric in every epoch's report: only the selection split is (eval.val_every).
     select = "val" if "val" in splits else splits[0]
-    split = next(s for s in sorted((*splits, "train"), key=len, reverse=True) if spec.search.metric.startswith(f"{s}_"))
+    split = next(s for s in sorted((*splits, "train"), key=len, reverse=True) if metric.startswith(f"{s}_"))
     if split not in (select, "train"):
-        raise SpecError(f"search.metric: {show(spec.search.metric)} is measured on {split!r}, which is evaluated at the "
+        raise SpecError(f"{where}: {show(metric)} is measured on {split!r}, which is evaluated at the "
                         f"end only (eval.test_every); search on {select!r} (e.g. {select}_agreement), and read "
                         f"{split} in the report")
     names = reported_metrics(fam, split)
-    if spec.search.metric not in names:
-        raise SpecError(f"search.metric: {show(spec.search.metric)} is not reported on {split!r} for "
+    if metric not in names:
+        raise SpecError(f"{where}: {show(metric)} is not reported on {split!r} for "
                         f"{spec.train.data.name}; reported: {', '.join(sorted(names))}")
 
 

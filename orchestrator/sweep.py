@@ -25,8 +25,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator import tracking
-from orchestrator.cluster import Capacity, cluster_capacity
+from orchestrator import optuna_store, tracking
+from orchestrator.cluster import Capacity, cluster_capacity, loopback_node_ip
 from orchestrator.spec import DRIVER_RESOURCE_AMOUNT, SweepSpec
 from trainables.config import TrainConfig, flatten, with_overrides
 from trainables.train_loop import NonFiniteLossError, train_loop_per_worker
@@ -91,7 +91,8 @@ class SearchSpace:
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         spec, space = self.spec, self.spec.search.space
-        study_trials = trial.study.get_trials(deepcopy=False)
+        # (orphans: trials a dead driver left in the storage, see optuna_store)
+        study_trials = [t for t in trial.study.get_trials(deepcopy=False) if optuna_store.counts(t)]
         is_baseline = spec.search.baseline and not any(t.user_attrs.get(BASELINE_ATTR) for t in study_trials)
         kd = spec.train.loss.lam == 0  # the KD arm's study: every trial is KD
         values: dict[str, Any] = {}
@@ -340,13 +341,25 @@ def experiment_path(spec: SweepSpec, storage: str) -> str:
     return f"{storage.rstrip('/')}/{spec.name}"
 
 
-def build_searcher(spec: SweepSpec, kd_role: str = ROLE_BASELINE) -> OptunaSearch:
+SAMPLERS = {  # search.sampler -> Optuna sampler (grid/auto-grid: the space function picks, the sampler is never asked)
+    "random": lambda s: optuna.samplers.RandomSampler(seed=s.seed),
+    "nsga2": lambda s: optuna.samplers.NSGAIISampler(seed=s.seed),
+    "tpe": lambda s: optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials),
+}
+
+
+def build_searcher(spec: SweepSpec, kd_role: str = ROLE_BASELINE, storage=None,
+                   study_name: str | None = None) -> OptunaSearch:
+    """``storage``: an Optuna storage (optuna_store.open_storage) holding the study ``study_name``
+    (None: in memory, as in unit tests)."""
     s = spec.search
-    # (grid: the space function picks every configuration itself; the sampler is never asked)
-    sampler = (optuna.samplers.RandomSampler(seed=s.seed) if s.sampler == "random"
-               else optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials))
+    sampler = SAMPLERS.get(s.sampler, SAMPLERS["tpe"])(s)
     # metric/mode go to OptunaSearch itself: with a define-by-run space TuneConfig's are not forwarded.
-    return OptunaSearch(space=make_space(spec, kd_role), metric=s.metric, mode=s.mode, sampler=sampler)
+    # Several objectives: lists (Optuna's multi-objective study; TPE and NSGA-II both handle it).
+    metric = [o.metric for o in s.objectives] if s.objectives else s.metric
+    mode = [o.mode for o in s.objectives] if s.objectives else s.mode
+    return optuna_store.StoredOptunaSearch(space=make_space(spec, kd_role), metric=metric, mode=mode, sampler=sampler,
+                                           storage=storage, study_name=study_name)
 
 
 def is_reference_kd(config: dict[str, Any]) -> bool:
@@ -370,13 +383,14 @@ class ReferenceKDASHA(ASHAScheduler):
 
 
 def build_tuner(spec: SweepSpec, ctx: DriverContext, callbacks: list, grid: dict[str, list] | None = None,
-                tune_name: str | None = None, kd_role: str = ROLE_BASELINE):
+                tune_name: str | None = None, kd_role: str = ROLE_BASELINE, storage=None):
     """The Tuner and the trainable it wraps (``Tuner.restore`` needs the same trainable).
 
     Without ``grid``: Optuna over ``search.space`` (+ ASHA). With ``grid`` (dotted key -> values):
     every combination once, no early stopping — the fixed comparison ``e2kd compare`` runs.
     ``tune_name``: the Tune experiment's name (default: the sweep's; the sweep's later phases
-    have their own); ``kd_role``: see :class:`SearchSpace`."""
+    have their own); ``kd_role``: see :class:`SearchSpace`; ``storage``: the Optuna storage of the
+    search's study (named like the Tune experiment)."""
     s = spec.search
     driver_res: dict[str, float] = {"CPU": spec.resources.driver_cpus}
     if spec.resources.driver_resource:
@@ -384,7 +398,8 @@ def build_tuner(spec: SweepSpec, ctx: DriverContext, callbacks: list, grid: dict
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, ctx=ctx), driver_res)
     if grid is None:
         tune_config = ray.tune.TuneConfig(
-            search_alg=build_searcher(spec, kd_role), num_samples=s.num_trials, max_concurrent_trials=ctx.max_concurrent,
+            search_alg=build_searcher(spec, kd_role, storage, optuna_store.study_name(tune_name or spec.name)),
+            num_samples=s.num_trials, max_concurrent_trials=ctx.max_concurrent,
             scheduler=(ReferenceKDASHA(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.train.epochs,
                                      grace_period=min(s.grace_period, spec.train.epochs),
                                      reduction_factor=s.reduction_factor)
@@ -446,6 +461,30 @@ def matched_kd_setting(spec: SweepSpec, results) -> dict[str, Any] | None:
     return setting
 
 
+def open_studies(spec: SweepSpec, url: str, resume: bool):
+    """The Optuna storage of the sweep's studies. A new sweep refuses a storage that already holds
+    a study of its name (its trials, a KD baseline among them, would count as this sweep's)."""
+    studies = optuna_store.open_storage(url)
+    if not resume:
+        for name in (spec.name, f"{spec.name}.{KD_ARM_PHASE}"):
+            if optuna_store.study_exists(studies, name):
+                raise RuntimeError(
+                    f"{optuna_store.FIELD}: {tracking.mask_uri(url)} already holds an Optuna study named {name!r}: "
+                    f"pass --resume to continue that sweep, --set name=<new name> to start another, or delete "
+                    f"it (optuna delete-study --study-name {name} --storage URL)")
+    return studies
+
+
+def sweep_tags(spec: SweepSpec, study_url: str | None) -> dict[str, str]:
+    """Parent-run tags saying where the study is and what it optimised (read by the report)."""
+    tags = {}
+    if study_url:
+        tags[optuna_store.TAG_STORAGE] = tracking.mask_uri(study_url)
+    if spec.search.objectives:
+        tags[optuna_store.TAG_OBJECTIVES] = ",".join(f"{o.metric}:{o.mode}" for o in spec.search.objectives)
+    return tags
+
+
 def resolve_storage(storage: str) -> str:
     return storage if "://" in storage else os.path.abspath(storage)
 
@@ -478,11 +517,14 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
     if not resume and (can_restore or any(ray.tune.Tuner.can_restore(p) for p in phase_paths)):
         raise RuntimeError(f"a sweep named {spec.name!r} already exists at {path}: pass --resume to continue it, "
                            f"or --set name=<new name> to start another")
+    # The search phases' Optuna studies (a grid has none): a real Optuna storage, named like the phases.
+    study_url = optuna_store.storage_url(spec, uri) if grid is None else None
+    studies = open_studies(spec, study_url, resume) if study_url else None
     parent = tracking.find_parent(client, exp_id, spec.name) if (resume and can_restore) else None
     if parent is None:
         parent = tracking.create_parent(client, exp_id, spec.name, spec.source, tracking.trial_params(spec.params()),
                                         tags={"e2kd.metric": spec.search.metric, "e2kd.mode": spec.search.mode,
-                                              "e2kd.kd_arm": spec.search.kd_arm})
+                                              "e2kd.kd_arm": spec.search.kd_arm, **sweep_tags(spec, study_url)})
         registry.try_log_datasets(client, parent, spec.train.data, "the sweep")  # the parent row's Dataset column
     else:
         log(f"[e2kd] resuming sweep {spec.name!r}: MLflow parent run {parent}")
@@ -497,15 +539,25 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, tracking_uri: str | None
         f"({'autoscaling: node types × max_workers' if cap.autoscaling else 'current cluster'}; worker start "
         f"timeout {ctx.start_timeout_s:g} s); results in {path}; MLflow {tracking.mask_uri(uri)} "
         f"(experiment {spec.mlflow.experiment!r}, parent run {parent})")
+    if study_url:
+        log(f"[e2kd] Optuna study {spec.name!r} in {tracking.mask_uri(study_url)}: watch it with "
+            f"`e2kd ui --optuna --optuna-storage '{tracking.mask_uri(study_url)}'`")
     t0 = time.time()
 
     def phase(pspec: SweepSpec, pgrid: dict[str, list] | None, name: str, kd_role: str = ROLE_BASELINE):
         """Fit (or restore and finish) one Tune experiment -> (its ResultGrid, whether the sweep goes on:
         False when it stopped short (Ctrl-C) or MLflow could not be told)."""
         pctx = dataclasses.replace(ctx, spec=pspec, checkpoint_at=asha_rungs(pspec) if pgrid is None else ())
-        tuner, trainable = build_tuner(pspec, pctx, [finalizer], pgrid, tune_name=name, kd_role=kd_role)
         ppath = f"{storage.rstrip('/')}/{name}"
-        if resume and ray.tune.Tuner.can_restore(ppath):
+        restoring = resume and ray.tune.Tuner.can_restore(ppath)
+        if pgrid is None and studies is not None and not restoring and optuna_store.study_exists(studies, name):
+            # Tune has no record of this phase, so its study is one a driver left before Tune's first
+            # save: start both afresh (else its trials, the KD baseline among them, would count).
+            optuna_store.delete_study(studies, name)
+            log(f"[e2kd] Optuna study {name!r}: Tune never saved this phase; its study starts afresh")
+        tuner, trainable = build_tuner(pspec, pctx, [finalizer], pgrid, tune_name=name, kd_role=kd_role,
+                                       storage=studies if pgrid is None else None)
+        if restoring:
             # Finished trials are restored, not rerun; the searcher (with its Optuna study, including
             # the KD baseline) is unpickled from the experiment state.
             tuner = ray.tune.Tuner.restore(ppath, trainable=trainable, resume_errored=True)
@@ -592,10 +644,8 @@ def init_ray(address: str | None, num_cpus: int | None, log=print) -> bool:
         ray.init(address=address, log_to_driver=True)
         log(f"[e2kd] connected to Ray at {tracking.mask_uri(address)}: {ray.cluster_resources()}")
     else:
-        # The dashboard on loopback; token auth (Ray's default for local clusters since 2.59) stays
-        # on. The GCS and raylet cannot be moved to loopback: Ray 2.60 replaces a 127.0.0.1 node IP
-        # with the reachable address (services.resolve_ip_for_localhost; tests/test_network_binding.py).
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+        with loopback_node_ip():
+            ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
         log(f"[e2kd] started a local Ray instance: {ray.cluster_resources().get('CPU', 0):g} logical CPUs")
     return True
 

@@ -114,6 +114,22 @@ def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
     return urlunsplit(parts._replace(netloc=netloc)), user, password
 
 
+def adopt_credentials(uri: str | None) -> str | None:
+    """Move ``user:password@`` out of an http(s) tracking URI into this process's
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (MLflow's client sends them as basic auth;
+    the Ray instance this command starts, and so every trial, inherits them) and return the bare
+    URI. Why: a URI travels — into Tune's pickled experiment state in the sweep's storage
+    (tuner.pkl), into the trials' context, into logs — the environment does not leave the machine.
+    On a cluster (``--address``) the nodes' own environment must hold them (the cluster files'
+    ~/.e2kd-mlflow.env)."""
+    if not uri or not uri.startswith(("http://", "https://")) or "@" not in uri.split("/", 3)[2]:
+        return uri
+    bare, user, password = split_credentials(uri)
+    os.environ["MLFLOW_TRACKING_USERNAME"] = user or ""
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = password or ""
+    return bare
+
+
 def _call_with_deadline(fn: Callable[[], T], timeout_s: float, what: str) -> T:
     """``fn()`` in a daemon thread, given up after ``timeout_s`` (name resolution and connects
     that ignore socket timeouts must not hang a command)."""
@@ -133,6 +149,9 @@ def _call_with_deadline(fn: Callable[[], T], timeout_s: float, what: str) -> T:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+API_TIMEOUT_S = 30.0
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -158,22 +177,29 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
         headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
 
-    def get(path: str) -> int:
+    def get(path: str, timeout: float) -> int:
         req = urllib.request.Request(bare.rstrip("/") + path, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status
         except urllib.error.HTTPError as e:
             return e.code
 
     where = f"MLflow tracking server {mask_uri(uri)}"
     try:
-        _call_with_deadline(lambda: get("/health"), timeout_s, "health")
-        # /health answers without credentials on an authenticating server: ask for something real.
-        code = _call_with_deadline(lambda: get("/api/2.0/mlflow/experiments/search?max_results=1"), timeout_s, "api")
+        _call_with_deadline(lambda: get("/health", timeout_s), timeout_s, "health")
     except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
         raise ConnectionError(f"{where} is unreachable ({short(e, 200)}); start it or pass "
                               "--tracking-uri sqlite:///mlflow.db") from None
+    # /health answers without credentials on an authenticating server: ask for something real. The
+    # server is up, so it gets longer: the basic-auth app hashes the password on every request
+    # (scrypt), which takes seconds on a busy head node.
+    try:
+        code = _call_with_deadline(lambda: get("/api/2.0/mlflow/experiments/search?max_results=1", API_TIMEOUT_S),
+                                   API_TIMEOUT_S, "api")
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
+        raise ConnectionError(f"{where} answers /health but not its API ({short(e, 200)}); is it overloaded, "
+                              "or a proxy in front of it misconfigured?") from None
     if code in (401, 403):
         raise ConnectionError(f"{where} refused the credentials (HTTP {code}); set MLFLOW_TRACKING_USERNAME and "
                               "MLFLOW_TRACKING_PASSWORD in the environment")

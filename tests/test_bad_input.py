@@ -122,6 +122,10 @@ def fill(arg: str, work: str, assets: dict[str, str]) -> str:
     return arg.format(work=work, assets=assets, spec=os.path.join(work, "spec.yaml"), SECRET=SECRET)
 
 
+with open(QUICKSTART) as _f:
+    QUICKSTART_SEARCH = yaml.safe_load(_f)["search"]
+
+
 def _set(path: str, value):
     def f(d, a):
         *head, last = path.split(".")
@@ -174,6 +178,23 @@ CASES = [
          expect=("search.space.eval_splits", "choice")),
     Case("metric-not-reported", "`search.metric: bogus`", _set("search.metric", "bogus"),
          expect=("search.metric", "bogus")),
+    Case("objectives-one", "`search.objectives` with one objective", _set("search.objectives", [{"metric": "val_acc"}]),
+         expect=("search.objectives", "at least 2")),
+    Case("objectives-with-asha", "`search.objectives: [val_acc, val_exp_sim]` with `search.scheduler: asha`",
+         _set("search", {**QUICKSTART_SEARCH, "scheduler": "asha",
+                         "objectives": [{"metric": "val_acc"}, {"metric": "val_exp_sim"}]}),
+         expect=("search.scheduler", "asha", "scheduler: none")),
+    Case("objective-not-reported", "`search.objectives[1].metric: val_exp_simm` (a typo)",
+         _set("search.objectives", [{"metric": "val_acc"}, {"metric": "val_exp_simm"}]),
+         expect=("search.objectives[1].metric", "val_exp_simm")),
+    Case("optuna-storage-scheme", "`search.storage: redis://127.0.0.1:6379/0` (not a database Optuna stores in)",
+         _set("search.storage", "redis://127.0.0.1:6379/0"), expect=("search.storage", "redis"), stage="preflight"),
+    Case("optuna-storage-no-driver", "`search.storage: postgresql://alice:PASSWORD@…` without psycopg2 installed",
+         _set("search.storage", f"postgresql://alice:{SECRET}@127.0.0.1:5432/optuna"),
+         expect=("search.storage", "alice:***@", "driver is not installed"), stage="preflight"),
+    Case("optuna-storage-env-unset", "`search.storage: postgresql://alice:${E2KD_NO_SUCH_VAR}@…`, the variable unset",
+         _set("search.storage", "postgresql://alice:${E2KD_NO_SUCH_VAR}@127.0.0.1/optuna"),
+         expect=("search.storage", "E2KD_NO_SUCH_VAR is not set"), stage="preflight"),
     Case("unknown-architecture", "`student: resnet19`", _set("student", "resnet19"),
          expect=("student", "resnet19", "known")),
     Case("unknown-teacher-architecture", "`teacher.arch: vgg11`", _set("teacher.arch", "vgg11"),
@@ -405,6 +426,9 @@ CASES = [
     Case("ui-foreign-host", "`e2kd ui --host 203.0.113.7` (not an address of this machine)", cmd=("ui",),
          argv=("--tracking-uri", "sqlite:///{assets[store]}", "--host", "203.0.113.7"),
          expect=("--host 203.0.113.7", "cannot listen"), stage="args"),
+    Case("ui-optuna-no-storage", "`e2kd ui --optuna` where no sweep has written an Optuna storage (none is created)",
+         cmd=("ui",), argv=("--optuna", "--tracking-uri", "sqlite:///{work}/mlflow.db"),
+         expect=("--optuna-storage", "no Optuna storage"), stage="args"),
     # ---- the command line itself
     Case("unknown-command", "`e2kd swep` (a typo)", cmd=("swep",), expect=("invalid choice", "swep"), stage="args"),
     Case("unknown-option", "`e2kd sweep spec.yaml --resmue` (a typo)", argv=("--resmue",),

@@ -289,6 +289,23 @@ def test_local_provider(no_network):
     assert not any("TRAIN_DRIVER_RESOURCE" in c for c in raw["head_start_ray_commands"] if c is not start)
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_local_head_runs_autoscaler_v1():
+    """`ray up` prefixes the head's start commands with RAY_enable_autoscaler_v2=1 (Ray >= 2.50);
+    with the local provider v2 never starts the worker_ips (tests/test_cluster_launch.py found it),
+    so cluster-local.yaml's `ray start --head` must still see 0. Ray's own prefixing, then bash."""
+    from ray.autoscaler._private.util import with_envs  # what `ray up` applies (commands.py)
+
+    (start,) = [c for c in load(LOCAL)["head_start_ray_commands"] if "ray start --head" in c]
+    (prefixed,) = with_envs([start], {"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": "x",
+                                      "RAY_NODE_TYPE_NAME": "local.cluster.node"})
+    assert "RAY_enable_autoscaler_v2=1" in prefixed  # Ray still prefixes it (else this test is moot)
+    before_start = prefixed.split("ray start --head")[0]
+    res = subprocess.run(["bash", "-c", before_start + ' echo "v2=$RAY_enable_autoscaler_v2"'],
+                         capture_output=True, text=True, timeout=30)
+    assert res.stdout.strip().splitlines()[-1] == "v2=0", (res.stdout, res.stderr)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_installs_project_from_synced_dir(path):
     cfg = load(path)
@@ -318,7 +335,9 @@ def test_local_uses_same_commands_as_aws():
     assert local_only == {"/mnt/shared"}, local_only
     aws_init = [normalize_mount(c.replace("/home/ubuntu", "$HOME")) for c in aws["initialization_commands"]]
     local_init = [normalize_mount(c) for c in local["initialization_commands"]
-                  if not any(f" {t}" in c for t in local_only)]
+                  if not any(f" {t}" in c for t in local_only) or "mount.nfs4" in c]
+    # ... and the NFS client's guard names that mount too.
+    local_init = [re.sub(r"".join(rf" && mountpoint -q {t}(?= )" for t in local_only), "", c) for c in local_init]
     assert aws_init == local_init
     # The same bind mounts into the container (head and workers).
     assert set(container_mounts(aws["docker"]["run_options"]).items()) <= set(
@@ -525,6 +544,13 @@ def test_nfs_mounts_are_guarded_and_marked_edit(path):
         # mkdir and mount only when not mounted yet: `ray up` reruns initialization_commands.
         assert cmd.startswith(f"mountpoint -q {target} ||"), cmd
     assert "EDIT: fs-REPLACE-ME" in text or "EDIT: nfs.REPLACE-ME" in text
+    # The NFS client is installed only when a share is not mounted yet: hosts that mount them
+    # beforehand (the documented alternative; tests/test_cluster_launch.py's hosts) need neither
+    # nfs-common nor sudo. The guard names exactly the mounts the file makes.
+    (client,) = [c for c in cfg["initialization_commands"] if "nfs-common" in c]
+    guard = client.split("||")[0]
+    assert set(re.findall(r"mountpoint -q (\S+)", guard)) == set(mounts), guard
+    assert guard.strip() == " && ".join(f"mountpoint -q {t}" for t in sorted(mounts, key=guard.index)), guard
 
 
 def test_mount_checks_catch_a_removed_mount():

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import re
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -58,6 +60,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The admin password holds every character a URI's userinfo can carry (percent-encoded where it
+# must be), drawn with a fixed seed, plus a random tail: the sweep test below puts it in a URI.
+_USERINFO = string.ascii_letters + string.digits + "-._~!$&'()*+,;="
+_rng = random.Random(14)
+GENERATED_PASSWORD = ("Zq9" + "".join(_rng.choice(_USERINFO + "@:/#?% ") for _ in range(16))
+                      + base64.b16encode(os.urandom(6)).decode())
+
+
 def _get(url: str, user: str | None = None, password: str | None = None) -> int:
     req = urllib.request.Request(url)
     if user is not None:
@@ -84,7 +94,7 @@ def auth_server(tmp_path_factory):
               .replace('"${MLFLOW_HOST}"', "127.0.0.1").replace("--port 5000", f"--port {port} --workers 1"))
     # --workers 1: one server process (uvicorn's supervisor kills worker processes that boot slower
     # than its health-check timeout, which happens on a loaded 2-core test machine)
-    password = "adm1n-" + base64.b16encode(os.urandom(8)).decode()
+    password = GENERATED_PASSWORD
     env = {**os.environ, "HOME": str(home), "MLFLOW_TRACKING_USERNAME": "e2kd-admin",
            "MLFLOW_TRACKING_PASSWORD": password, "PYTHONPATH": os.pathsep.join(
                [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
@@ -152,3 +162,60 @@ def test_e2kd_uses_credentials_from_the_environment(auth_server, monkeypatch):
     client = MlflowClient(url)
     exp = tracking.ensure_experiment(client, "auth-check", None)
     assert client.get_experiment(exp).name == "auth-check"
+
+
+def test_sweep_with_credentials_in_the_uri_leaves_the_password_nowhere(auth_server, teacher_dir, tmp_path):
+    """A real sweep (one trial, one epoch) against the authenticated server, the credentials only in
+    ``--tracking-uri http://user:PW@host``: the password is in none of stdout/stderr, the MLflow
+    params, tags and text artifacts, the run's storage (Tune's experiment state) and every log
+    file of the Ray session (RAY_TMPDIR: GCS, raylet, dashboard, agents, workers)."""
+    import shutil
+    import tempfile
+    from urllib.parse import quote
+
+    from mlflow import MlflowClient
+
+    from test_faults import E2KD, tiny_spec
+
+    url, user, password, _ = auth_server
+    uri = url.replace("://", f"://{user}:{quote(password, safe=_USERINFO)}@", 1)
+    work = tempfile.mkdtemp(prefix="e2kdpw-")  # short: Ray's socket paths live under RAY_TMPDIR
+    try:
+        d = tiny_spec(work, teacher_dir, "pw-sweep", epochs=1, num_trials=1)
+        d["mlflow"]["experiment"] = "pw-sweep"
+        spec = os.path.join(work, "spec.yaml")
+        with open(spec, "w") as f:
+            yaml.safe_dump(d, f)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        env.update(RAY_TMPDIR=work, PYTHONUNBUFFERED="1")
+        r = subprocess.run([E2KD, "sweep", spec, "--tracking-uri", uri], cwd=work, env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        forms = {password, quote(password, safe=_USERINFO), quote(password, safe="")}
+        texts = {"stdout": r.stdout, "stderr": r.stderr}
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
+        try:
+            client = MlflowClient(url)
+            exp = client.get_experiment_by_name("pw-sweep")
+            runs = client.search_runs([exp.experiment_id])
+            assert {r.data.tags.get("e2kd.role") for r in runs} == {"parent", "trial"}, runs
+            for run in runs:
+                texts[f"run {run.info.run_id}"] = repr((run.data.params, run.data.tags))
+                for a in client.list_artifacts(run.info.run_id, "spec"):
+                    texts[a.path] = open(client.download_artifacts(run.info.run_id, a.path, str(tmp_path))).read()
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_USERNAME"), os.environ.pop("MLFLOW_TRACKING_PASSWORD")
+        files = 0
+        for dp, _, fns in os.walk(work):  # Ray's session logs and the run's storage
+            for fn in fns:
+                p = os.path.join(dp, fn)
+                if os.path.isfile(p) and not os.path.islink(p):
+                    files += 1
+                    with open(p, "rb") as f:
+                        texts[p] = f.read().decode("utf-8", "replace")
+        assert files > 20 and any("/logs/" in p and "raylet" in p for p in texts), sorted(texts)[:50]
+        leaks = [(where, s) for where, text in texts.items() for s in forms if s in text]
+        assert leaks == [], "password found in: " + "; ".join(
+            f"{w}: ...{texts[w][max(0, texts[w].index(f) - 150):texts[w].index(f)]!r}" for w, f in leaks)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

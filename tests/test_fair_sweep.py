@@ -54,6 +54,13 @@ def test_fair_sweep_kd_arm_asha_and_matched_kd(tmp_path, teacher_dir):
         exp = client.get_experiment_by_name("t-fair")
         parent, children = report.load_sweep(client, "t-fair", "t-fair")
         run_ids = sorted(r.info.run_id for r in children)
+        # Each search phase is its own Optuna study in the storage beside mlflow.db (the matched KD
+        # run is a fixed run, not a search): the e²KD search's 4 trials, the KD arm's 2.
+        import optuna
+
+        ourl = f"sqlite:///{tmp_path}/optuna.db"
+        assert sorted(optuna.get_all_study_names(ourl)) == ["t-fair", "t-fair.kd-arm"]
+        assert [len(optuna.load_study(study_name=n, storage=ourl).trials) for n in ("t-fair", "t-fair.kd-arm")] == [4, 2]
         run_sweep(spec, resume=True, log=lambda s: None)  # every phase restored: nothing added
         _, again = report.load_sweep(client, "t-fair", "t-fair")
         assert sorted(r.info.run_id for r in again) == run_ids

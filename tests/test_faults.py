@@ -548,6 +548,16 @@ def test_driver_killed_then_resume_reruns_nothing(teacher_dir):
         assert len(study.trials) == 2
         assert sum(bool(t.user_attrs.get("kd_baseline")) for t in study.trials) == 1
         assert all(t.value is not None for t in study.trials)
+        # The same study in the Optuna storage beside mlflow.db, read with Optuna's own API: the two
+        # trials, once each, with the values Tune saved (a trial the killed driver had only just asked
+        # for would be there too, FAIL and tagged orphaned, never counted).
+        import optuna
+
+        stored = optuna.load_study(study_name="f-driver", storage=f"sqlite:///{work}/optuna.db")
+        kept = [t for t in stored.trials if not t.user_attrs.get("e2kd.orphaned")]
+        assert [t.state.name for t in kept] == ["COMPLETE", "COMPLETE"]
+        assert sorted(t.value for t in kept) == sorted(t.value for t in study.trials)
+        assert {t.state.name for t in stored.trials if t not in kept} <= {"FAIL"}
         # MLflow: the same single parent, one child per trial, all closed.
         _, parents = mlflow_runs(uri, "parent")
         assert [p.info.run_id for p in parents] == [parent.info.run_id] and parents[0].info.status == "FINISHED"

@@ -1,9 +1,10 @@
 """A local Ray instance started by e2kd (``init_ray``: ``e2kd sweep/train/compare/cache`` without
 ``--address``) listens on loopback only.
 
-``init_ray`` passes ``dashboard_host="127.0.0.1"`` and ``_node_ip_address="127.0.0.1"``: Ray then
-binds the dashboard, the metrics export (Prometheus) and the processes' gRPC servers to the node
-IP, and token authentication (Ray's default for local clusters since 2.59) stays on. The test
+``init_ray`` passes ``dashboard_host="127.0.0.1"`` and keeps the node IP on 127.0.0.1
+(``loopback_node_ip``: Ray 2.60 would otherwise move it to the reachable address); Ray then binds
+the metrics exporters (Prometheus: agent, dashboard, autoscaler) and the processes' gRPC servers
+to loopback, and token authentication (Ray's default for local clusters since 2.59) stays on. The test
 starts that instance (1 CPU, one task so that a worker process exists), lists the listening TCP
 sockets of every process of it (the driver and all its descendants: GCS, raylet, dashboard and
 its agents, workers) and expects none on a non-loopback address.
@@ -21,7 +22,10 @@ pytestmark = pytest.mark.slow
 
 
 def _loopback(ip: str) -> bool:
-    return ipaddress.ip_address(ip.split("%")[0]).is_loopback
+    a = ipaddress.ip_address(ip.split("%")[0])
+    # An IPv6 socket bound to ::ffff:127.0.0.1 (how gRPC binds an IPv4 loopback address) is
+    # loopback; ipaddress only says so for the IPv4 form.
+    return (a.ipv4_mapped or a).is_loopback if a.version == 6 else a.is_loopback
 
 
 def _descendants(root: int) -> set[int]:
@@ -73,12 +77,6 @@ def _listening(pids: set[int]) -> list[tuple[int, str, int]]:
     return out
 
 
-# Ray 2.60 moves a loopback node IP to the machine's reachable address on purpose
-# (ray._private.services.resolve_ip_for_localhost: "Make sure localhost isn't resolved to the
-# loopback ip"), so GCS, raylet and object manager of a local instance listen on it. Mitigation
-# until that changes: token authentication (on by default for local instances) guards the gRPC
-# services; the dashboard is on 127.0.0.1. Strict: this fails as soon as Ray does bind to loopback.
-@pytest.mark.xfail(strict=True, reason="Ray 2.60 replaces a 127.0.0.1 node IP with the reachable address")
 def test_local_ray_instance_listens_on_loopback_only(monkeypatch):
     import ray
 
@@ -97,6 +95,7 @@ def test_local_ray_instance_listens_on_loopback_only(monkeypatch):
         assert len(listening) >= 3, listening  # GCS, raylet, dashboard at least: the listing works
         exposed = sorted({(names[pid], ip, port) for pid, ip, port in listening if not _loopback(ip)})
         assert exposed == [], f"listening on non-loopback addresses: {exposed}"
+        assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") is None  # restored: `ray start` still works
         port = node.metrics_export_port
         assert any(p == port and _loopback(ip) for _, ip, p in listening), (port, listening)
     finally:

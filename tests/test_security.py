@@ -70,8 +70,10 @@ def test_mlflow_ui_binds_loopback_by_default(monkeypatch, capsys, tmp_path):
     for cmd in commands:
         assert cmd[cmd.index("--host") + 1] == "127.0.0.1", cmd
         assert "0.0.0.0" not in cmd
+        assert SECRET not in " ".join(cmd)  # not on a command line (`ps` shows those to every user)
     out = capsys.readouterr().out
-    assert "http://127.0.0.1:5000" in out and SECRET not in out and "alice:***@" in out
+    # the credentials went to the environment of the command (adopt_credentials), not into the URI
+    assert "http://127.0.0.1:5000" in out and SECRET not in out and "store http://127.0.0.1:5001)" in out
 
 
 def test_local_ray_dashboard_binds_loopback(monkeypatch):
@@ -177,7 +179,9 @@ def test_unreachable_server_message_hides_the_password(tmp_path, capsys, monkeyp
     for argv in (["sweep", str(spec)], ["sweep", QUICKSTART, "--tracking-uri", uri]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "unreachable" in err and SECRET not in err and "alice:***@" in err, err
+        # the CLI moved the credentials to the environment first (tracking.adopt_credentials)
+        assert "unreachable" in err and SECRET not in err and "http://127.0.0.1:9 is unreachable" in err, err
+        assert "MLFLOW_TRACKING_PASSWORD" not in os.environ  # ... for the command's duration only
     assert not ray.is_initialized() and not os.path.exists(tmp_path / "no-teacher")
 
 
