@@ -181,8 +181,10 @@ import os, subprocess, sys
 home, tmp, shared, user_home, *keep = sys.argv[1:]
 def mount(*a):
     subprocess.run(["mount", *a], check=True)
-for path in keep:                                  # e.g. a pyenv Python under the real home
-    inside = os.path.join(home, os.path.relpath(path, user_home))
+for path in keep:                                  # a pyenv Python under the real home, a venv in /tmp
+    under_home = os.path.realpath(path).startswith(os.path.realpath(user_home) + os.sep)
+    inside = (os.path.join(home, os.path.relpath(path, user_home)) if under_home
+              else os.path.join(tmp, os.path.relpath(path, "/tmp")))
     os.makedirs(inside, exist_ok=True)
     mount("--bind", path, inside)
 mount("--rbind", home, user_home)
@@ -190,7 +192,7 @@ mount("-t", "tmpfs", "e2l-mnt", "/mnt")            # private /mnt: nothing creat
 for d in ("data", "models", "shared"):
     os.makedirs("/mnt/" + d)
     mount("--bind", os.path.join(shared, d), "/mnt/" + d)
-mount("--bind", tmp, "/tmp")                       # last: the sources above live under /tmp
+mount("--rbind", tmp, "/tmp")                      # last: the sources above live under /tmp (r: with the kept venv)
 os.makedirs("/run/sshd", exist_ok=True)            # sshd's privilege-separation directory
 sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(user_home, ".ssh", "e2l_sshd_config")])
 while True:
@@ -226,10 +228,12 @@ class Hosts:
         for d in ("data", "models", "shared"):
             os.makedirs(os.path.join(self.shared, d))
         self.pubkey = pubkey
-        # The private home hides the real one: keep the Python installation visible when it lives
-        # there (pyenv in /root on this machine), at its own path, read-only in spirit.
+        # The private home and /tmp hide the real ones: keep the Python installation visible when
+        # it lives there (pyenv in /root on this machine; the venv of a checkout under /tmp), at its
+        # own path, read-only in spirit.
         self.keep = sorted({p for p in (sys.base_prefix, sys.prefix)
-                            if os.path.realpath(p).startswith(os.path.realpath(user_home) + os.sep)})
+                            if any(os.path.realpath(p).startswith(os.path.realpath(d) + os.sep)
+                                   for d in (user_home, "/tmp"))})
 
     def _provision(self, i: int) -> None:
         """What an administrator does once per host: a home with the SSH key, sshd's config and
