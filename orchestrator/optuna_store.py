@@ -46,7 +46,7 @@ def default_url(storage: str, tracking_uri: str) -> str:
     """SQLite beside ``mlflow.db`` when MLflow is a SQLite file, else inside the sweep's local
     ``storage``, else (both remote: a cluster job, whose working directory is a temporary copy) in
     ``~/.e2kd`` of the machine running the sweep driver (the head)."""
-    db = tracking.sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:") else None
+    db = tracking.sqlite_path(tracking_uri)
     if db:
         folder = os.path.dirname(db)
     elif "://" not in storage:
@@ -59,10 +59,7 @@ def default_url(storage: str, tracking_uri: str) -> str:
 def storage_url(spec, tracking_uri: str | None = None) -> str:
     """The study's storage URL (a template: ``${VAR}`` not yet filled)."""
     if spec.search.storage:
-        url = spec.search.storage
-        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):  # relative: like mlflow's
-            url = "sqlite:///" + os.path.abspath(url[len("sqlite:///"):])
-        return url
+        return tracking.absolute_sqlite(spec.search.storage)  # relative: like mlflow's
     uri = tracking.resolve_tracking_uri(tracking_uri or spec.mlflow.tracking_uri)
     return default_url(spec.storage, uri)
 
@@ -162,8 +159,8 @@ class EnvRDBStorage(RDBStorage):
 def open_storage(template: str) -> EnvRDBStorage:
     url = expand(template)  # a missing variable: its own message
     try:
-        if url.startswith("sqlite:///"):  # SQLite makes the file, not its folder
-            os.makedirs(os.path.dirname(url[len("sqlite:///"):].split("?", 1)[0]) or ".", exist_ok=True)
+        if (db := tracking.sqlite_path(url)) is not None:  # SQLite makes the file, not its folder
+            os.makedirs(os.path.dirname(db) or ".", exist_ok=True)
         return EnvRDBStorage(template)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors: name the field, mask the URL
         raise ConnectionError(f"{FIELD}: cannot open the Optuna storage {tracking.mask_uri(template)}: "
@@ -233,7 +230,7 @@ def serve_dashboard(template: str, host: str, port: int, log=print) -> int:
     import optuna_dashboard
 
     url = check_url(template, "--optuna-storage")
-    db = url.split("///", 1)[1] if url.startswith("sqlite") and "///" in url else None
+    db = tracking.sqlite_path(url)
     if db is not None and not os.path.isfile(db):  # read-only: never create an empty storage
         raise FileNotFoundError(f"--optuna-storage: no Optuna storage at {db} (no sweep has run with it yet); pass "
                                 "the storage your sweep used (its log line `Optuna study … in …` names it)")

@@ -73,11 +73,18 @@ def mask_uri(text: str) -> str:
     return _URL_CREDENTIALS.sub(repl, text)
 
 
+def absolute_sqlite(uri: str, base: str | None = None) -> str:
+    """``sqlite:///relative.db`` -> absolute against ``base`` (default: the working directory);
+    other URIs unchanged."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(os.path.join(base or os.getcwd(), uri[len("sqlite:///"):]))
+    return uri
+
+
 def resolve_tracking_uri(uri: str, base: str | None = None) -> str:
     """``sqlite:///relative.db`` -> absolute (workers run in other directories); others unchanged."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = uri[len("sqlite:///"):]
-        return "sqlite:///" + os.path.abspath(os.path.join(base or os.getcwd(), path))
+    if uri.startswith("sqlite:///"):
+        return absolute_sqlite(uri, base)
     if uri.startswith("file:") or ("://" not in uri and uri not in ("databricks",)):
         raise ValueError(f"mlflow.tracking_uri {mask_uri(uri)!r}: MLflow's file store is read-only in 3.x; use "
                          "sqlite:///path/to/mlflow.db or http://host:5000")
